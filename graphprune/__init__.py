@@ -1,0 +1,29 @@
+"""graphprune: structural pruning of pretrained PyTorch / timm models for transfer learning.
+
+The pipeline, one public verb per stage::
+
+    graph  = gp.trace(model, example_inputs)            # what ran, and what couples
+    groups = gp.find_groups(graph, ignore=...)          # channels removed together
+    scores = gp.get_scorer("l1")(groups, model)         # {group_id: Tensor[group.size]}
+    plan   = gp.make_plan(groups, scores, ratio=0.3)    # plain data, JSON-serializable
+    gp.apply_plan_(model, plan)                         # the one removal pass (in place)
+
+``gp.prune(model, example_inputs, ratio=0.3)`` does all of it on a copy.
+"""
+
+from .api import prune, prune_
+from .errors import GraphpruneError, InvalidArgumentError, PruneError, UnsupportedModelError
+from .graph import TraceGraph
+from .groups import ChannelGroup, Groups, Member, classifier_names, find_groups
+from .plan import AttrPatch, ParamEdit, Plan, make_plan, select_channels
+from .removal import apply_plan_
+from .scoring import SCORERS, get_scorer, register_scorer
+from .tracer import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttrPatch", "ChannelGroup", "GraphpruneError", "Groups", "InvalidArgumentError", "Member", "ParamEdit",
+    "Plan", "PruneError", "SCORERS", "TraceGraph", "UnsupportedModelError", "apply_plan_", "classifier_names",
+    "find_groups", "get_scorer", "make_plan", "prune", "prune_", "register_scorer", "select_channels", "trace",
+]

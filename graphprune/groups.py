@@ -1,0 +1,252 @@
+"""Channel groups: parameter slices that must be removed together.
+
+A *channel* is a class of coupled elements (see :mod:`graphprune.elements`); removing it
+removes, in every parameter that carries it, the indices that belong to it. A
+:class:`ChannelGroup` bundles the channels that share parameters (the residual stream of
+a ResNet stage, a conv and its BatchNorm, the heads of one attention layer), so a scorer
+emits one score per channel of each group and a plan removes channels group by group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch import nn
+
+from .errors import InvalidArgumentError
+from .graph import TraceGraph
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """One parameter dimension in a group.
+
+    Attributes:
+        name: qualified parameter or buffer name, e.g. ``layer1.0.conv1.weight``.
+        dim: the dimension that loses indices.
+        channel: for every index along ``dim``, the group channel it belongs to
+            (read-only ``int64`` array; ``-1`` for an index no channel of this group owns).
+        role: ``"out"`` where the parameter produces the channel (conv/linear output
+            rows, biases, norm affine, embeddings), ``"in"`` where it consumes it
+            (conv/linear input columns).
+    """
+
+    name: str
+    dim: int
+    channel: np.ndarray
+    role: str
+
+    @property
+    def module(self) -> str:
+        """Qualified name of the module that owns the parameter."""
+        return self.name.rpartition(".")[0]
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """Channels that share parameters, with everything needed to score and remove them.
+
+    Attributes:
+        id: position in :class:`Groups`.
+        members: every parameter dimension that loses indices when a channel goes.
+        prunable: read-only bool array, one per channel: False where the channel is frozen
+            (coupled to an input, an output, an unsupported op, an ignored module, ...).
+        width: read-only int array, one per channel: indices the channel spans in its
+            widest member (1 for a plain channel, ``head_dim`` for a head, the group width
+            for a whole conv group).
+        classes: read-only int array, one per channel: its class id in the trace.
+        statistic: read-only bool array, one per channel: True where a normalization or
+            mean is taken over the channel (zeroing it is then not invisible downstream).
+    """
+
+    id: int
+    members: tuple[Member, ...]
+    prunable: np.ndarray
+    width: np.ndarray
+    classes: np.ndarray
+    statistic: np.ndarray
+
+    @property
+    def size(self) -> int:
+        """Number of channels."""
+        return int(self.prunable.size)
+
+    @property
+    def name(self) -> str:
+        """A readable name: the first producing member's module."""
+        producers = [m for m in self.members if m.role == "out"] or list(self.members)
+        return producers[0].module
+
+    def describe(self) -> str:
+        """One line for humans.
+
+        Example:
+            >>> import torch, graphprune as gp
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            >>> gp.find_groups(gp.trace(net, torch.randn(1, 4)))[0].describe()
+            'group 0 "0": 8 channels (8 prunable), 3 members'
+        """
+        return (f'group {self.id} "{self.name}": {self.size} channels ({int(self.prunable.sum())} prunable), '
+                f"{len(self.members)} members")
+
+
+@dataclass(frozen=True, eq=False)
+class Groups:
+    """All groups of a traced model, plus the trace they came from.
+
+    Iterating yields the groups with at least one prunable channel.
+    """
+
+    all: tuple[ChannelGroup, ...]
+    graph: TraceGraph
+    frozen_reasons: dict[str, str]
+
+    def __iter__(self) -> Iterator[ChannelGroup]:
+        return iter(g for g in self.all if g.prunable.any())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __getitem__(self, index: int) -> ChannelGroup:
+        return list(self)[index]
+
+    def by_id(self, group_id: int) -> ChannelGroup:
+        return self.all[group_id]
+
+    def report(self) -> str:
+        """Multi-line summary: prunable groups, frozen ones, unsupported ops.
+
+        Example:
+            >>> import torch, graphprune as gp
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            >>> print(gp.find_groups(gp.trace(net, torch.randn(1, 4))).report().splitlines()[0])
+            1 prunable groups, 8 prunable channels; 2 groups fully frozen
+        """
+        prunable = list(self)
+        lines = [f"{len(prunable)} prunable groups, {sum(int(g.prunable.sum()) for g in prunable)} prunable channels; "
+                 f"{len(self.all) - len(prunable)} groups fully frozen"]
+        lines += ["  " + g.describe() for g in prunable]
+        if self.graph.unsupported:
+            lines.append("unsupported ops (their channels are frozen):")
+            lines += [f"  {name}: {count}x" for name, count in self.graph.unsupported.items()]
+        for what, why in self.frozen_reasons.items():
+            lines.append(f"frozen {what}: {why}")
+        return "\n".join(lines)
+
+
+def _role(name: str, dim: int, param_dim: int) -> str:
+    return "in" if dim == 1 and param_dim >= 2 and name.endswith("weight") else "out"
+
+
+def classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """Modules named by timm's ``pretrained_cfg["classifier"]`` that exist in ``model``.
+
+    Example:
+        >>> import timm
+        >>> classifier_names(timm.create_model("resnet18", pretrained=False))
+        ('fc',)
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    modules = dict(model.named_modules())
+    return tuple(n for n in names if n in modules)
+
+
+def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Module | None = None) -> Groups:
+    """Group the traced model's coupled channels.
+
+    Args:
+        graph: from :func:`graphprune.trace`.
+        ignore: module names (or parameter names) whose parameters must keep every
+            index; their channels, and everything coupled to them, are frozen.
+        model: the traced model, used only to check that ``ignore`` names exist.
+
+    Returns:
+        :class:`Groups`.
+
+    Raises:
+        InvalidArgumentError: if an ``ignore`` name matches no module or parameter.
+
+    Example:
+        >>> import torch, graphprune as gp
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(8, 4, 1))
+        >>> groups = gp.find_groups(gp.trace(net, torch.randn(1, 3, 8, 8)))
+        >>> [(m.name, m.dim) for m in groups[0].members]  # doctest: +NORMALIZE_WHITESPACE
+        [('0.weight', 0), ('0.bias', 0), ('1.weight', 0), ('1.bias', 0), ('1.running_mean', 0),
+         ('1.running_var', 0), ('3.weight', 1)]
+    """
+    ignore = tuple(ignore)
+    store, classes = graph.store, graph.classes
+    frozen = graph.frozen.copy()
+    reasons: dict[str, str] = {}
+    names = list(graph.state_infos)
+    if model is not None:
+        known = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+        unknown = [n for n in ignore if n not in known]
+        if unknown:
+            raise InvalidArgumentError(f"ignore names no module or parameter of the model: {unknown}")
+    for name in names:
+        if any(name == i or name.startswith(i + ".") for i in ignore):
+            for d in graph.state_infos[name].dims:
+                if d is not None:
+                    frozen[classes[d[d >= 0]]] = True
+            reasons[name] = "ignored"
+
+    # members: every (parameter, dim) that carries elements
+    entries = []  # (name, dim, class per index)
+    for name in names:
+        for dim, elems in enumerate(graph.state_infos[name].dims):
+            if elems is None:
+                continue
+            cls = np.where(elems >= 0, classes[np.maximum(elems, 0)], -1)
+            entries.append((name, dim, cls))
+    # a class carried by no parameter, or by parameters only once, cannot be removed meaningfully
+    n_classes = frozen.size
+    carried = np.zeros(n_classes, dtype=np.int64)
+    for _, _, cls in entries:
+        carried[np.unique(cls[cls >= 0])] += 1
+    # a dim whose classes are all carried by it alone (kernel taps, token positions) is no member
+    entries = [e for e in entries if (carried[e[2][e[2] >= 0]] >= 2).any()]
+    # connect classes that share a member: components are the groups
+    rows, cols = [], []
+    for k, (_, _, cls) in enumerate(entries):
+        valid = np.unique(cls[cls >= 0])
+        rows.append(np.full(valid.size, k))
+        cols.append(valid)
+    if not entries:
+        return Groups((), graph, reasons)
+    rows_a, cols_a = np.concatenate(rows), np.concatenate(cols)
+    n_entries = len(entries)
+    adjacency = coo_matrix((np.ones(rows_a.size, np.int8), (rows_a, n_entries + cols_a)),
+                           shape=(n_entries + n_classes, n_entries + n_classes))
+    _, component = connected_components(adjacency, directed=False)
+    by_component: dict[int, list[int]] = {}
+    for k in range(n_entries):
+        by_component.setdefault(int(component[k]), []).append(k)
+    groups = []
+    for entry_ids in by_component.values():
+        group_classes = np.unique(np.concatenate([entries[k][2][entries[k][2] >= 0] for k in entry_ids]))
+        lookup = np.full(n_classes, -1, dtype=np.int64)
+        lookup[group_classes] = np.arange(group_classes.size)
+        members = []
+        width = np.ones(group_classes.size, dtype=np.int64)
+        for k in entry_ids:
+            name, dim, cls = entries[k]
+            channel = np.where(cls >= 0, lookup[np.maximum(cls, 0)], -1)
+            channel.setflags(write=False)
+            ndim = len(graph.state_infos[name].dims)
+            members.append(Member(name, dim, channel, _role(name, dim, ndim)))
+            counts = np.bincount(channel[channel >= 0], minlength=group_classes.size)
+            width = np.maximum(width, counts)
+        prunable = ~frozen[group_classes] & (carried[group_classes] >= 2)
+        statistic = graph.statistic[group_classes].copy()
+        for array in (prunable, width, group_classes, statistic):
+            array.setflags(write=False)
+        groups.append(ChannelGroup(len(groups), tuple(members), prunable, width, group_classes, statistic))
+    return Groups(tuple(groups), graph, reasons)

@@ -1,0 +1,46 @@
+"""Coupling rules, looked up by the exact name of the torch function that ran.
+
+A rule receives the :class:`Call` (function, arguments, output, executing module) and the
+:class:`~graphprune.rules.context.Context`; it records unions, freezes and links between
+elements and returns the :class:`~graphprune.elements.TensorInfo` of every output tensor.
+Functions without a rule freeze every channel they touch and are reported as
+unsupported: they are never assumed safe.
+
+Add a rule for your own function with :func:`register_rule`:
+
+Example:
+    >>> from graphprune.rules import RULES, register_rule
+    >>> @register_rule("mylib.my_identity")
+    ... def _identity(ctx, call):
+    ...     return [ctx.info(call.tensor_args[0])]
+    >>> "mylib.my_identity" in RULES
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .context import Call, Context
+
+Rule = Callable[[Context, Call], list]
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(*names: str) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for the torch functions named ``names`` (as ``torch.overrides.resolve_name`` gives them)."""
+
+    def wrap(rule: Rule) -> Rule:
+        for name in dict.fromkeys(names):
+            if name in RULES:
+                raise ValueError(f"a coupling rule for {name!r} is already registered")
+            RULES[name] = rule
+        return rule
+
+    return wrap
+
+
+# rule modules register themselves on import
+from . import elementwise, layers, movement, products, reductions  # noqa: E402,F401
+
+__all__ = ["Call", "Context", "RULES", "register_rule"]

@@ -1,0 +1,148 @@
+"""Rules for parametric layers: convolution, linear, normalisation, embedding.
+
+A layer's weight dims are coupled to the activation dims they multiply; its output
+channels are the weight's output dim. Grouped convolutions are coupled in one of two
+exact ways, chosen by shape:
+
+* *whole groups* (``groups >= in_channels / groups``; depthwise, ResNeXt): input and
+  output channels of conv group ``k`` form one removable unit and ``groups`` shrinks;
+* *aligned slices* (few wide groups): local index ``j`` is removed from every group
+  at once, so ``groups`` stays and each group narrows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import register_rule
+from .context import Call, Context, merge_dims
+from ..elements import TensorInfo
+
+
+def _couple(ctx: Context, weight_dim: np.ndarray | None, act_dim: np.ndarray | None, size: int) -> np.ndarray | None:
+    return merge_dims(ctx.store, [(weight_dim, size), (act_dim, size)], size)
+
+
+@register_rule("torch.nn.functional.conv1d", "torch.nn.functional.conv2d", "torch.nn.functional.conv3d",
+               "torch.conv1d", "torch.conv2d", "torch.conv3d")
+def _conv(ctx: Context, call: Call) -> list[TensorInfo]:
+    x, weight = call.args[0], call.arg(1, "weight")
+    bias = call.arg(2, "bias")
+    groups = int(call.arg(6, "groups", 1))
+    x_dim = ctx.info(x).dims[1]
+    w_out, w_in = ctx.info(weight).dims[0], ctx.info(weight).dims[1]
+    c_in, c_out, c_in_g = x.shape[1], weight.shape[0], weight.shape[1]
+    c_out_g = c_out // groups
+    if groups == 1:
+        _couple(ctx, w_in, x_dim, c_in)
+        out = w_out
+    else:
+        if x_dim is None:  # the input's channels are fixed, so is the group structure
+            x_dim = np.full(c_in, -1, dtype=np.int64)
+        if w_out is None:
+            w_out = np.full(c_out, -1, dtype=np.int64)
+        if groups >= c_in_g:  # whole groups are the unit
+            ctx.store.freeze(w_in)
+            for k in range(groups):
+                ctx.store.union_all(np.concatenate([x_dim[k * c_in_g:(k + 1) * c_in_g],
+                                                    w_out[k * c_out_g:(k + 1) * c_out_g]]))
+                if (x_dim[k * c_in_g:(k + 1) * c_in_g] == -1).any():
+                    ctx.store.freeze(w_out[k * c_out_g:(k + 1) * c_out_g])
+        else:  # local index j of every group is the unit
+            x_local = x_dim.reshape(groups, c_in_g)
+            for k in range(groups):
+                _couple(ctx, w_in, x_local[k], c_in_g)
+            out_local = w_out.reshape(groups, c_out_g)
+            for k in range(1, groups):
+                ctx.store.union(out_local[0], out_local[k])
+        out = w_out if (w_out >= 0).any() else None
+    if bias is not None:
+        out = _couple(ctx, out, ctx.info(bias).dims[0], c_out)
+    dims = [ctx.info(x).dims[0], out] + [None] * (x.dim() - 2)
+    return [TensorInfo(tuple(dims))]
+
+
+@register_rule("torch.nn.functional.linear", "torch._C._nn.linear")
+def _linear(ctx: Context, call: Call) -> list[TensorInfo]:
+    x, weight = call.args[0], call.arg(1, "weight")
+    bias = call.arg(2, "bias")
+    x_info, w_info = ctx.info(x), ctx.info(weight)
+    if weight.dim() == 1:  # a dot product: contraction only
+        _couple(ctx, w_info.dims[0], x_info.dims[-1], x.shape[-1])
+        return [TensorInfo(x_info.dims[:-1])]
+    _couple(ctx, w_info.dims[1], x_info.dims[-1], x.shape[-1])
+    out = w_info.dims[0]
+    if bias is not None:
+        out = _couple(ctx, out, ctx.info(bias).dims[0], weight.shape[0])
+    return [TensorInfo(x_info.dims[:-1] + (out,))]
+
+
+def _affine(ctx: Context, x_dim: np.ndarray | None, size: int, vectors: list) -> np.ndarray | None:
+    column = [(x_dim, size)] + [(ctx.info(v).dims[0], v.shape[0]) for v in vectors if v is not None]
+    return merge_dims(ctx.store, column, size)
+
+
+@register_rule("torch.nn.functional.batch_norm", "torch.batch_norm", "torch.nn.functional.instance_norm",
+               "torch.instance_norm")
+def _batch_norm(ctx: Context, call: Call) -> list[TensorInfo]:
+    x = call.args[0]
+    names = ["running_mean", "running_var", "weight", "bias"]
+    if "instance_norm" in call.name:
+        names = ["running_mean", "running_var", "weight", "bias"]
+    vectors = [call.arg(1 + i, n) for i, n in enumerate(names)]
+    dims = list(ctx.info(x).dims)
+    dims[1] = _affine(ctx, dims[1], x.shape[1], vectors)
+    return [TensorInfo(tuple(dims))]
+
+
+@register_rule("torch.nn.functional.layer_norm", "torch.layer_norm", "torch.nn.functional.rms_norm",
+               "torch.rms_norm")
+def _layer_norm(ctx: Context, call: Call) -> list[TensorInfo]:
+    x = call.args[0]
+    shape = call.arg(1, "normalized_shape")
+    weight, bias = call.arg(2, "weight"), call.arg(3, "bias")
+    dims = list(ctx.info(x).dims)
+    k = len(shape) if isinstance(shape, (list, tuple, type(x.shape))) else 1
+    for j in range(k):
+        d = x.dim() - k + j
+        column = [(dims[d], x.shape[d])]
+        for v in (weight, bias):
+            if v is not None:
+                column.append((ctx.info(v).dims[j], v.shape[j]))
+        dims[d] = merge_dims(ctx.store, column, x.shape[d])
+        ctx.store.mark_statistic(dims[d])
+    return [TensorInfo(tuple(dims))]
+
+
+@register_rule("torch.nn.functional.group_norm", "torch.group_norm")
+def _group_norm(ctx: Context, call: Call) -> list[TensorInfo]:
+    x, groups = call.args[0], int(call.arg(1, "num_groups"))
+    weight, bias = call.arg(2, "weight"), call.arg(3, "bias")
+    dims = list(ctx.info(x).dims)
+    channel = _affine(ctx, dims[1], x.shape[1], [weight, bias])
+    per_group = x.shape[1] // groups
+    if channel is not None and groups > 1:
+        local = channel.reshape(groups, per_group)
+        if per_group == 1:  # one channel per group: removing it removes the group
+            pass
+        else:  # remove local index j from every group, keeping num_groups
+            for k in range(1, groups):
+                ctx.store.union(local[0], local[k])
+    dims[1] = channel
+    ctx.store.mark_statistic(channel)
+    return [TensorInfo(tuple(dims))]
+
+
+@register_rule("torch.nn.functional.embedding", "torch.embedding")
+def _embedding(ctx: Context, call: Call) -> list[TensorInfo]:
+    index, weight = call.args[0], call.arg(1, "weight")
+    return [TensorInfo(ctx.info(index).dims + (ctx.info(weight).dims[1],))]
+
+
+@register_rule("torch.nn.functional.prelu", "torch.prelu")
+def _prelu(ctx: Context, call: Call) -> list[TensorInfo]:
+    x, weight = call.args[0], call.arg(1, "weight")
+    dims = list(ctx.info(x).dims)
+    if weight.numel() > 1:
+        dims[1] = merge_dims(ctx.store, [(dims[1], x.shape[1]), (ctx.info(weight).dims[0], weight.shape[0])], x.shape[1])
+    return [TensorInfo(tuple(dims))]

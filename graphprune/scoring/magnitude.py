@@ -1,0 +1,46 @@
+"""Data-free magnitude scorers: L1 and L2 norms summed over every member of a group."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..groups import ChannelGroup, Groups
+from .registry import Scores, register_scorer
+
+
+def member_norms(group: ChannelGroup, model: nn.Module, p: int) -> torch.Tensor:
+    """Sum over members of each channel's slice norm (``p``-th power summed: |w| or w^2).
+
+    Every member counts, depthwise convs and norm layers included.
+    """
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    score = torch.zeros(group.size, dtype=torch.float64)
+    for member in group.members:
+        tensor = tensors[member.name].detach().to(torch.float64)
+        other = [d for d in range(tensor.dim()) if d != member.dim]
+        per_index = tensor.abs().pow(p).sum(other) if other else tensor.abs().pow(p)
+        channel = torch.from_numpy(member.channel.copy())
+        valid = channel >= 0
+        score.index_add_(0, channel[valid], per_index[valid])
+    return score
+
+
+@register_scorer("l1")
+def l1(groups: Groups, model: nn.Module) -> Scores:
+    """L1 magnitude: sum of |w| over every parameter slice of the channel.
+
+    Example:
+        >>> import torch, graphprune as gp
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+        >>> groups = gp.find_groups(gp.trace(net, torch.randn(1, 2)))
+        >>> l1(groups, net)[groups[0].id].shape
+        torch.Size([3])
+    """
+    return {g.id: member_norms(g, model, 1) for g in groups}
+
+
+@register_scorer("l2")
+def l2(groups: Groups, model: nn.Module) -> Scores:
+    """L2 magnitude: square root of the sum of w^2 over every parameter slice of the channel."""
+    return {g.id: member_norms(g, model, 2).sqrt() for g in groups}

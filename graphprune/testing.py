@@ -1,0 +1,66 @@
+"""Helpers to prove pruning exact: zero channels first, then remove them.
+
+Used by the test-suite and the coverage benchmark; public because users adding a
+coupling rule should check it the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .groups import Groups
+
+
+def pick_channels(groups: Groups, ratio: float, *, seed: int = 0, exact_only: bool = True) -> dict[int, tuple[int, ...]]:
+    """Choose ``ratio`` of each group's prunable channels at random (seeded).
+
+    With ``exact_only``, channels a statistic is taken over (layer norm, mean, softmax)
+    are skipped: zeroing those changes the statistic, so removal cannot be exact there.
+
+    Example:
+        >>> import torch, graphprune as gp
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> picked = pick_channels(gp.find_groups(gp.trace(net, torch.randn(1, 4))), 0.5)
+        >>> len(picked[0])
+        4
+    """
+    rng = np.random.default_rng(seed)
+    picked = {}
+    for group in groups:
+        allowed = group.prunable & ~group.statistic if exact_only else group.prunable.copy()
+        candidates = np.flatnonzero(allowed)
+        n = min(int(np.floor(ratio * group.size)), candidates.size, group.size - 1)
+        if n <= 0:
+            continue
+        chosen = set(int(c) for c in rng.choice(candidates, size=n, replace=False))
+        for member in group.members:  # never empty a member
+            owned = np.unique(member.channel[member.channel >= 0])
+            if owned.size and all(int(c) in chosen for c in owned):
+                chosen.discard(int(owned[0]))
+        if chosen:
+            picked[group.id] = tuple(sorted(chosen))
+    return picked
+
+
+@torch.no_grad()
+def zero_channels_(model: nn.Module, groups: Groups, channels: dict[int, tuple[int, ...]], *,
+                   roles: tuple[str, ...] = ("out",)) -> None:
+    """Zero the given channels in every member with one of ``roles`` (in place).
+
+    ``roles=("out",)`` zeroes the producers (weights, biases, norm affine); ``("out", "in")``
+    makes the channels fully dead, consumers included.
+    """
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    for gid, chosen in channels.items():
+        chosen_arr = np.asarray(chosen)
+        for member in groups.by_id(gid).members:
+            if member.role not in roles:
+                continue
+            tensor = tensors[member.name]
+            if member.name.endswith("running_var"):
+                continue
+            index = np.flatnonzero(np.isin(member.channel, chosen_arr))
+            if index.size:
+                tensor.index_fill_(member.dim, torch.from_numpy(index), 0.0)
