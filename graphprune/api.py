@@ -119,8 +119,20 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: flo
     groups = find_groups(graph, ignore=ignore, model=model)
     scores = score_fn(groups, model)
     plan = make_plan(groups, scores, ratio=ratio, round_to=round_to)
-    apply_verified_(model, groups, plan, args)
+    applied, _ = apply_verified_(model, groups, plan, args)
+    record_plan(model, applied)
     return model
+
+
+HISTORY_ATTR = "graphprune_plans"
+
+
+def record_plan(model: nn.Module, plan: Plan) -> None:
+    """Append ``plan`` (as JSON) to ``model.graphprune_plans``, the structural history that
+    :func:`graphprune.save` writes so a pruned model can be rebuilt without pickling."""
+    history = list(getattr(model, HISTORY_ATTR, []))
+    history.append(plan.to_json())
+    setattr(model, HISTORY_ATTR, history)
 
 
 def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float, scorer: str | Scorer = "l1",

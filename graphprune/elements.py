@@ -69,6 +69,7 @@ class Link:
     composite: np.ndarray
     factors: list[np.ndarray]
     op: str
+    where: str = ""
 
 
 @dataclass
@@ -81,6 +82,8 @@ class ElementStore:
     _frozen: list[np.ndarray] = field(default_factory=list)
     _heads: list[np.ndarray] = field(default_factory=list)
     _stats: list[np.ndarray] = field(default_factory=list)
+    _frozen_why: list[str] = field(default_factory=list)
+    current: str = ""  # what is being traced now; recorded with every freeze
     links: list[Link] = field(default_factory=list)
 
     def new(self, n: int) -> np.ndarray:
@@ -119,6 +122,7 @@ class ElementStore:
         ids = ids[ids >= 0]
         if ids.size:
             self._frozen.append(ids)
+            self._frozen_why.append(self.current)
 
     def mark_heads(self, ids: np.ndarray) -> None:
         """Mark elements that index attention heads (batch dims of an attention product)."""
@@ -148,7 +152,7 @@ class ElementStore:
 
     def link(self, composite: np.ndarray, factors: list[np.ndarray], op: str) -> None:
         """Record that ``composite[i]`` is the product of ``factors[f][i]``."""
-        self.links.append(Link(np.asarray(composite), [np.asarray(f) for f in factors], op))
+        self.links.append(Link(np.asarray(composite), [np.asarray(f) for f in factors], op, self.current))
 
     def _components(self) -> np.ndarray:
         a = np.concatenate(self._pairs_a) if self._pairs_a else np.zeros(0, np.int64)
@@ -182,6 +186,7 @@ class ElementStore:
             changed = False
             for index, link in enumerate(self.links):
                 owner = _choose_owner(link, labels, frozen, heads)
+                self.current = f"not the pruning unit of a {link.op} at {link.where}"
                 if decided.get(index) == owner:
                     continue
                 changed = True
@@ -195,6 +200,14 @@ class ElementStore:
                     self.freeze(link.composite)
             if not changed:
                 return labels
+
+    def frozen_reasons(self, labels: np.ndarray) -> dict[int, str]:
+        """For every frozen class, the first recorded reason (the op and module that froze it)."""
+        reasons: dict[int, str] = {}
+        for ids, why in zip(self._frozen, self._frozen_why):
+            for c in np.unique(labels[ids]):
+                reasons.setdefault(int(c), why)
+        return reasons
 
     def frozen_classes(self, labels: np.ndarray) -> np.ndarray:
         """Boolean mask over classes: True where the class contains a frozen element."""

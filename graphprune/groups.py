@@ -133,6 +133,13 @@ class Groups:
         if self.graph.unsupported:
             lines.append("unsupported ops (their channels are frozen):")
             lines += [f"  {name}: {count}x" for name, count in self.graph.unsupported.items()]
+        frozen = [g for g in self.all if not g.prunable.any()]
+        if frozen:
+            lines.append("fully frozen groups, with the first reason recorded:")
+            reasons = self.graph.store.frozen_reasons(self.graph.classes)
+            for g in frozen:
+                why = next((reasons[int(c)] for c in g.classes if int(c) in reasons), "no parameter outside it carries it")
+                lines.append(f"  {g.describe()}: {why}")
         for what, why in self.frozen_reasons.items():
             lines.append(f"frozen {what}: {why}")
         return "\n".join(lines)

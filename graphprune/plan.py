@@ -247,6 +247,9 @@ def _attribute_patches(graph, gone: np.ndarray) -> tuple[AttrPatch, ...]:
         if op.name.startswith("torch.nn.functional.conv") and dict(op.module_ints).get("groups", 1) > 1:
             _conv_groups_patch(op, patches, out_sizes_old, out_sizes_new)
             continue
+        parts = len(op.out_infos)
+        if parts > 1 and len(set(out_sizes_old)) == 1:  # equal split parts: the total may be stored instead
+            changes.update({old * parts: new * parts for old, new in list(changes.items())})
         for attr, value in op.module_ints:
             if isinstance(value, int) and value in changes:
                 patches.setdefault((op.module, attr), AttrPatch(op.module, attr, value, changes[value]))

@@ -103,6 +103,31 @@ def _update_shape_attributes(module: nn.Module, old_shapes: dict[str, torch.Size
         module.normalized_shape = tuple(weight.shape)
 
 
+def _classifier_width(model: nn.Module) -> int | None:
+    """Input width of the timm classifier (``pretrained_cfg["classifier"]``), if there is one."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("classifier")
+    if not isinstance(name, str):
+        return None
+    try:
+        head = model.get_submodule(name)
+    except AttributeError:
+        return None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else None
+
+
+def _sync_timm_widths(model: nn.Module, old_width: int | None) -> None:
+    """Keep timm's ``num_features`` / ``head_hidden_size`` equal to the classifier's input width,
+    so ``model.reset_classifier(n)`` builds a head that fits the pruned model."""
+    new_width = _classifier_width(model)
+    if old_width is None or new_width is None or new_width == old_width:
+        return
+    for attr in ("num_features", "head_hidden_size"):
+        if getattr(model, attr, None) == old_width:
+            setattr(model, attr, new_width)
+
+
 def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     """Remove the plan's channels from ``model`` in place (trailing underscore: mutates).
 
@@ -125,6 +150,7 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
         (5, 5)
     """
     _validate(model, plan)
+    classifier_width = _classifier_width(model)
     with restore_on_error(model):
         replaced: dict[int, torch.Tensor] = {}
         old_shapes: dict[nn.Module, dict[str, torch.Size]] = {}
@@ -166,4 +192,5 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
             setattr(module, patch.attr, new)
         for module, shapes in old_shapes.items():
             _update_shape_attributes(module, shapes)
+        _sync_timm_widths(model, classifier_width)
     return model

@@ -94,6 +94,7 @@ class _Recorder(TorchFunctionMode):
         call = Call(name, func, tuple(args), kwargs, out, self.module_stack[-1], len(self.ops))
         inputs = call.tensor_args
         rule = RULES.get(name)
+        self.ctx.store.current = f"{name} in {call.module or 'the model'}"
         if not any(self.ctx.is_tracked(t) for t in inputs):
             infos = [TensorInfo.free(o.dim()) for o in outputs]
         elif rule is None:
@@ -220,6 +221,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
                 f"tracing {type(model).__name__} failed while running its forward pass: "
                 f"{type(error).__name__}: {error}") from error
     outputs = tuple(ctx.info(o) for o in flat_tensors(out))
+    store.current = "model output"
     for info in outputs:
         for d in info.dims:
             if d is not None:

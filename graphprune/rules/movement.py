@@ -24,6 +24,7 @@ import torch
 
 from . import register_rule
 from .context import Call, Context, flat_tensors
+from .layout import SHORTCUTS
 from .names import spellings
 from ..elements import TensorInfo
 
@@ -32,7 +33,7 @@ _BIG = 2**62
 
 SEQUENCE_OPS = set(spellings("cat", "concat", "concatenate", "stack", "hstack", "vstack"))
 EQUAL_SPLITS = set(spellings("chunk"))
-SPLITS = set(spellings("split", "split_with_sizes", "tensor_split"))
+SPLITS = set(spellings("split", "split_with_sizes", "tensor_split")) | {"torch.functional.split"}
 MOVEMENT = spellings(
     "view", "reshape", "view_as", "reshape_as", "permute", "transpose", "swapaxes", "swapdims",
     "t", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "repeat",
@@ -41,7 +42,8 @@ MOVEMENT = spellings(
     "roll", "flip", "index_select", "gather", "take_along_dim", "repeat_interleave", "unfold",
     "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "tile", "broadcast_to",
     functional=True,
-) + ["torch.nn.functional.pad", "torch._C._nn.pad", "torch.Tensor.T.__get__", "torch.Tensor.mT.__get__"]
+) + ["torch.nn.functional.pad", "torch._C._nn.pad", "torch.Tensor.T.__get__", "torch.Tensor.mT.__get__",
+   "torch.functional.split"]
 
 
 def _data_tensors(call: Call) -> list[torch.Tensor]:
@@ -106,6 +108,17 @@ def _movement(ctx: Context, call: Call) -> list[TensorInfo]:
     outs = call.outputs
     if not any(i.has_channels for i in infos):
         return [TensorInfo.free(o.dim()) for o in outs]
+    shortcut = SHORTCUTS.get(call.name)
+    if shortcut is not None:
+        found = shortcut(ctx, call)
+        if found is not None:
+            _couple_equal_parts(ctx, call, found)
+            return found
+    return replay(ctx, call, data, infos, outs)
+
+
+def replay(ctx: Context, call: Call, data: list, infos: list[TensorInfo], outs: list) -> list[TensorInfo]:
+    """The reference rule: replay the op on position tensors (see module docstring)."""
     offsets = np.cumsum([0] + [t.numel() for t in data])
     positions = [
         torch.arange(int(offsets[i]), int(offsets[i + 1]), dtype=torch.float64).view(t.shape)

@@ -1,0 +1,630 @@
+"""Save and load pruned models without pickle.
+
+A pruned model is saved as a **directory** with two files::
+
+    my_model/
+        model.safetensors   # the weights (tied tensors stored once)
+        graphprune.json     # how to rebuild the structure, and what the weights must look like
+
+``graphprune.json`` holds (``"format": "graphprune.model/1"``):
+
+* ``architecture``: ``{"timm": name, "kwargs": {...}, "input_size": [C, H, W]}``; the base is
+  ``timm.create_model(name, pretrained=False, **kwargs)``. ``input_size`` is optional and only
+  tells tools (the CLI) which example input the model is meant for.
+* ``plans``: the plans of ``model.graphprune_plans``, in the order they were applied.
+* ``tensors``: every ``state_dict`` entry: ``{name: {"shape": [...], "dtype": "float32"}}``.
+* ``tied``: ``{alias: name}`` for entries that are the same tensor as another one; only
+  ``name`` is in the safetensors file.
+* ``weights``: file name, size in bytes and SHA-256 of ``model.safetensors``.
+
+:func:`load` builds the base model, re-applies the plans (no tracing), checks every shape
+against the record and loads the weights with ``strict=True``. Nothing is ever unpickled:
+a pickle or ``torch.save`` file offered to :func:`load` is recognized by its first bytes
+and refused. :func:`save` checks up front that the record rebuilds the model (on the meta
+device, so no memory is spent), then writes the directory atomically: both files go to a
+temporary directory next to the target, are fsynced and renamed into place; on any failure
+nothing is left behind and an existing save is kept. (Replacing a save takes two renames:
+a crash between them leaves the old save in a hidden ``.<name>.*.old`` directory beside it.)
+
+Only timm architectures can be rebuilt (format 1); ``dropout``-like kwargs that do not
+change shapes are not inferred, pass ``architecture=`` to record them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import HISTORY_ATTR
+from .errors import GraphpruneError, InvalidArgumentError
+from .groups import classifier_names
+from .plan import Plan
+from .removal import apply_plan_
+
+MODEL_FORMAT = "graphprune.model/1"
+WEIGHTS_FILE = "model.safetensors"
+RECORD_FILE = "graphprune.json"
+ARCHITECTURE_ATTR = "graphprune_architecture"  # set by load(); save() reuses it
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_CHUNK_BYTES = 1 << 20
+# timm.create_model arguments that would read weights or configs from files or the hub (maybe a pickle)
+_FILE_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"})
+
+
+class ModelFileError(GraphpruneError):
+    """A saved model cannot be written or read (bad path, corrupt or mismatched files, pickle offered)."""
+
+
+class ModelFileNotFoundError(ModelFileError, FileNotFoundError):
+    """The saved model, or one of its two files, does not exist."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build the unpruned base model.
+
+    Attributes:
+        timm: a timm model name, e.g. ``"resnet18"``.
+        kwargs: keyword arguments for ``timm.create_model`` (JSON values only).
+        input_size: ``(C, H, W)`` the model is meant for, or ``None`` for timm's default.
+    """
+
+    timm: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    input_size: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, the form :func:`save` takes as ``architecture=``.
+
+        Example:
+            >>> Architecture("resnet18", {"num_classes": 10}).to_dict()
+            {'timm': 'resnet18', 'kwargs': {'num_classes': 10}}
+        """
+        out: dict[str, Any] = {"timm": self.timm, "kwargs": dict(self.kwargs)}
+        if self.input_size is not None:
+            out["input_size"] = list(self.input_size)
+        return out
+
+    @staticmethod
+    def from_dict(data: object) -> Architecture:
+        """Validate ``{"timm": name, "kwargs": {...}, "input_size": [C, H, W]}``.
+
+        Example:
+            >>> Architecture.from_dict({"timm": "resnet18"}).kwargs
+            {}
+        """
+        if not isinstance(data, Mapping) or not isinstance(data.get("timm"), str) or not data["timm"]:
+            raise InvalidArgumentError(f'architecture must look like {{"timm": "resnet18", "kwargs": {{...}}}}, '
+                                       f"got {data!r}")
+        unknown = sorted(set(data) - {"timm", "kwargs", "input_size"})
+        if unknown:
+            raise InvalidArgumentError(f"architecture has unknown keys {unknown}; known: timm, kwargs, input_size")
+        kwargs = data.get("kwargs") or {}
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+            raise InvalidArgumentError(f"architecture kwargs must be a dict with string keys, got {kwargs!r}")
+        refused = sorted(set(kwargs) & _FILE_KWARGS)
+        if refused:
+            raise InvalidArgumentError(f"architecture kwargs may not contain {refused}: the base is always built "
+                                       "with pretrained=False from no file, and only the saved weights are loaded")
+        try:
+            kwargs = json.loads(json.dumps(dict(kwargs), allow_nan=False))
+        except (TypeError, ValueError) as error:
+            raise InvalidArgumentError(f"architecture kwargs must be JSON values: {error}") from error
+        size = data.get("input_size")
+        if size is not None:
+            if (not isinstance(size, (list, tuple)) or not size
+                    or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+                raise InvalidArgumentError(f"architecture input_size must be positive ints, got {size!r}")
+            size = tuple(size)
+        return Architecture(data["timm"], kwargs, size)
+
+
+def infer_architecture(model: nn.Module) -> Architecture:
+    """Read a timm model's recipe: ``pretrained_cfg["architecture"]`` plus the shape-changing kwargs.
+
+    Recorded are ``num_classes`` (from the classifier module, so a replaced head counts),
+    ``in_chans`` and ``img_size`` when they differ from the pretrained config. Anything else
+    that changes tensor shapes must be passed as ``save(..., architecture=...)``; :func:`save`
+    verifies the recipe and says so when it does not rebuild the model.
+
+    Raises:
+        InvalidArgumentError: the model is not a timm model.
+
+    Example:
+        >>> import timm
+        >>> infer_architecture(timm.create_model("resnet18", pretrained=False, num_classes=10)).to_dict()
+        {'timm': 'resnet18', 'kwargs': {'num_classes': 10}}
+    """
+    recorded = getattr(model, ARCHITECTURE_ATTR, None)
+    if recorded is not None:
+        return Architecture.from_dict(recorded)
+    cfg = getattr(model, "pretrained_cfg", None)
+    name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
+    if not name:
+        raise InvalidArgumentError(
+            f"{type(model).__name__} is not a timm model (no pretrained_cfg['architecture']), so graphprune cannot "
+            'record how to rebuild it; pass architecture={"timm": name, "kwargs": {...}} for a timm equivalent')
+    kwargs: dict[str, Any] = {}
+    num_classes = _num_classes(model)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    default_size = tuple(cfg.get("input_size") or ())
+    input_size = None
+    first_conv = cfg.get("first_conv")
+    with contextlib.suppress(AttributeError, TypeError):
+        in_chans = model.get_submodule(first_conv).in_channels
+        if default_size and in_chans != default_size[0]:
+            kwargs["in_chans"] = in_chans
+            input_size = (in_chans, *default_size[1:])
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and default_size and tuple(img_size) != tuple(default_size[1:]):
+        height, width = (int(s) for s in img_size)
+        kwargs["img_size"] = height if height == width else [height, width]
+        input_size = (kwargs.get("in_chans", default_size[0]), height, width)
+    return Architecture(name, kwargs, input_size)
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    for name in classifier_names(model):
+        head = model.get_submodule(name)
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        if isinstance(head, nn.modules.conv._ConvNd):
+            return head.out_channels
+        if isinstance(head, nn.Identity):
+            return 0
+    value = getattr(model, "num_classes", None)
+    return value if isinstance(value, int) else None
+
+
+def build_model(architecture: Architecture, plans: tuple[Plan, ...] = (), *, device: str = "cpu") -> nn.Module:
+    """Create the base with ``pretrained=False`` and re-apply ``plans`` in order (no tracing).
+
+    Args:
+        architecture: the recipe.
+        plans: plans to re-apply, oldest first.
+        device: ``"meta"`` builds shapes only (falls back to CPU for models that cannot).
+
+    Raises:
+        ModelFileError: unknown architecture, bad kwargs, or a plan that does not fit.
+
+    Example:
+        >>> build_model(Architecture("resnet18", {"num_classes": 3}), device="meta").fc.out_features
+        3
+    """
+    import timm
+
+    if not timm.is_model(architecture.timm):
+        close = difflib.get_close_matches(architecture.timm, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+        raise ModelFileError(f"unknown timm architecture {architecture.timm!r}{hint}")
+    kwargs = dict(architecture.kwargs)
+    try:
+        if device == "meta":
+            try:
+                with torch.device("meta"):
+                    model = timm.create_model(architecture.timm, pretrained=False, **kwargs)
+            except (RuntimeError, NotImplementedError):  # an __init__ that reads tensor values
+                model = timm.create_model(architecture.timm, pretrained=False, **kwargs)
+        else:
+            model = timm.create_model(architecture.timm, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as error:
+        raise ModelFileError(f"cannot create timm model {architecture.timm!r} with kwargs {kwargs}: {error}") from error
+    for number, plan in enumerate(plans, start=1):
+        try:
+            apply_plan_(model, plan)
+        except InvalidArgumentError as error:
+            raise ModelFileError(f"plan {number} of {len(plans)} does not fit a fresh {architecture.timm} "
+                                 f"{kwargs}: {error}") from error
+    return model
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _tensor_record(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    return {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in state.items()}
+
+
+def _shapes_only(record: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The record without dtypes: a rebuilt base is float32 until :func:`load` casts it."""
+    return {k: {"shape": v["shape"], "dtype": "any"} for k, v in record.items()}
+
+
+def _split_tied(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to store (contiguous, sharing no memory) and ``{alias: stored name}`` for tied ones."""
+    stored: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen_views: dict[tuple, str] = {}
+    used_storage: set[int] = set()
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tensor.stride(), tensor.dtype)
+        if tensor.numel() and view in seen_views:
+            tied[name] = seen_views[view]
+            continue
+        seen_views[view] = name
+        data = tensor.cpu().contiguous()
+        storage = data.untyped_storage().data_ptr()
+        if data.numel() and storage in used_storage:  # overlapping views of one buffer
+            data = data.clone()
+        used_storage.add(data.untyped_storage().data_ptr())
+        stored[name] = data
+    return stored, tied
+
+
+def _plans_of(model: nn.Module) -> tuple[Plan, ...]:
+    history = getattr(model, HISTORY_ATTR, [])
+    if not isinstance(history, (list, tuple)):
+        raise InvalidArgumentError(f"model.{HISTORY_ATTR} must be a list of plan JSON strings")
+    return tuple(Plan.from_json(text) for text in history)
+
+
+def _shape_differences(expected: Mapping[str, Mapping[str, Any]], actual: Mapping[str, Mapping[str, Any]],
+                       *, limit: int = 3) -> list[str]:
+    problems = []
+    missing = [k for k in expected if k not in actual]
+    extra = [k for k in actual if k not in expected]
+    if missing:
+        problems.append(f"missing {missing[:limit]}{' ...' if len(missing) > limit else ''}")
+    if extra:
+        problems.append(f"unexpected {extra[:limit]}{' ...' if len(extra) > limit else ''}")
+    changed = [f"{k}: {tuple(actual[k]['shape'])} {actual[k]['dtype']} instead of "
+               f"{tuple(expected[k]['shape'])} {expected[k]['dtype']}"
+               for k in expected if k in actual and dict(actual[k]) != dict(expected[k])]
+    problems += changed[:limit] + (["..."] if len(changed) > limit else [])
+    return problems
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_saved_model(path: Path) -> bool:
+    return path.is_dir() and (path / RECORD_FILE).is_file()
+
+
+def check_target(path: str | os.PathLike) -> None:
+    """Fail early unless :func:`save` may write ``path``: its parent is a directory and ``path``
+    is new or an earlier save (which is then replaced).
+
+    Raises:
+        ModelFileError: saying which of the two does not hold.
+
+    Example:
+        >>> import tempfile
+        >>> check_target(Path(tempfile.mkdtemp()) / "new-model")
+    """
+    target = Path(path)
+    parent = target.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise ModelFileError(f"cannot save to {target}: the parent directory {parent} {what}")
+    if target.exists() and not _is_saved_model(target):
+        kind = "directory" if target.is_dir() else "file"
+        raise ModelFileError(f"cannot save to {target}: it is an existing {kind} that is not a graphprune save; "
+                             "choose a new path or remove it")
+
+
+@contextlib.contextmanager
+def _staging_dir(target: Path) -> Iterator[Path]:
+    """A temporary directory next to ``target``; renamed onto it if the block succeeds, else removed."""
+    check_target(target)
+    parent = target.parent
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    except OSError as error:
+        raise ModelFileError(f"cannot save to {target}: cannot write in {parent} ({error.strerror})") from error
+    try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a saved model is an ordinary directory
+        yield staging
+        _fsync_dir(staging)
+        if target.exists():  # keep the old save until the new one is in place
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+            os.replace(target, backup / "old")
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(backup / "old", target)
+                raise
+            finally:
+                shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+        _fsync_dir(parent)
+    except OSError as error:
+        raise ModelFileError(f"cannot save to {target}: {error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` (pruned or not) to the directory ``path``: weights plus rebuild record.
+
+    Args:
+        model: a timm model, possibly pruned by graphprune (its ``graphprune_plans`` are saved).
+        path: the directory to create; an existing graphprune save there is replaced
+            atomically, anything else there is refused.
+        architecture: ``{"timm": name, "kwargs": {...}, "input_size": [C, H, W]}`` to build
+            the base; default: the record :func:`load` left on the model, else
+            :func:`infer_architecture`.
+
+    Returns:
+        The directory written.
+
+    Raises:
+        InvalidArgumentError: not a timm model and no ``architecture``, or a bad one.
+        ModelFileError: the record does not rebuild the model, or the path is not writable.
+
+    Example:
+        >>> import tempfile, timm, torch, graphprune as gp
+        >>> model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+        >>> small = gp.prune(model, torch.randn(1, 3, 32, 32), ratio=0.5)
+        >>> folder = save(small, tempfile.mkdtemp() + "/resnet18-half")
+        >>> sorted(p.name for p in folder.iterdir())
+        ['graphprune.json', 'model.safetensors']
+        >>> load(folder).fc.in_features
+        256
+    """
+    target = Path(path)
+    arch = Architecture.from_dict(architecture) if architecture is not None else infer_architecture(model)
+    plans = _plans_of(model)
+    state = model.state_dict(keep_vars=True)
+    tensors = _tensor_record(state)
+    rebuilt = build_model(arch, plans, device="meta").state_dict()
+    problems = _shape_differences(_shapes_only(tensors), _shapes_only(_tensor_record(rebuilt)))
+    if problems:
+        raise ModelFileError(
+            f"cannot save: timm {arch.timm} {dict(arch.kwargs)} with the model's {len(plans)} plan(s) re-applied does "
+            f"not have this model's tensors ({'; '.join(problems)}); was the model changed outside graphprune "
+            '(e.g. a new head)? pass architecture={"timm": ..., "kwargs": {...}} with the creation arguments')
+    stored, tied = _split_tied(state)
+    from safetensors.torch import save_file
+
+    with _staging_dir(target) as staging:
+        weights = staging / WEIGHTS_FILE
+        save_file(stored, weights, metadata={"format": MODEL_FORMAT})
+        _fsync_file(weights)
+        record = {
+            "format": MODEL_FORMAT,
+            "architecture": arch.to_dict(),
+            "plans": [json.loads(plan.to_json()) for plan in plans],
+            "tensors": tensors,
+            "tied": tied,
+            "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
+            "versions": _versions(),
+        }
+        with open(staging / RECORD_FILE, "w", encoding="utf-8") as handle:
+            handle.write(_format_record(record))
+            handle.flush()
+            os.fsync(handle.fileno())
+    return target
+
+
+def _format_record(record: Mapping[str, Any]) -> str:
+    """JSON with one line per tensor and per plan: readable, and diffs stay small."""
+
+    def dump(value: object) -> str:
+        return json.dumps(value, allow_nan=False)
+
+    fields = []
+    for key, value in record.items():
+        if key in ("tensors", "tied") and value:
+            text = "{\n" + ",\n".join(f"  {dump(k)}: {dump(v)}" for k, v in value.items()) + "\n }"
+        elif key == "plans" and value:
+            text = "[\n" + ",\n".join(f"  {dump(plan)}" for plan in value) + "\n ]"
+        else:
+            text = dump(value)
+        fields.append(f" {dump(key)}: {text}")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    from . import __version__
+
+    return {"graphprune": __version__, "torch": torch.__version__, "timm": timm.__version__}
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """What a file is, from its first bytes: ``"safetensors"``, ``"pickle"``, ``"zip"`` (``torch.save``),
+    ``"json"`` or ``"unknown"``. Reads at most 16 bytes; never unpickles.
+
+    Example:
+        >>> import pickle, tempfile
+        >>> with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
+        ...     _ = f.write(pickle.dumps([1, 2]))
+        >>> sniff(f.name)
+        'pickle'
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= _MAX_HEADER_BYTES:
+        return "safetensors"
+    if head.lstrip()[:1] == b"{":
+        return "json"
+    return "unknown"
+
+
+def _refuse_pickle(path: Path, kind: str) -> None:
+    if kind in ("pickle", "zip"):
+        raise ModelFileError(
+            f"{path} is a {'pickle' if kind == 'pickle' else 'zip/torch.save (pickle inside)'} file; graphprune never "
+            "unpickles files (loading a pickle can run arbitrary code). Load it yourself only if you trust it, "
+            "then graphprune.save() it")
+
+
+def _check_weights_file(path: Path) -> None:
+    """Refuse anything that is not a complete safetensors file."""
+    kind = sniff(path)
+    _refuse_pickle(path, kind)
+    if kind != "safetensors":
+        raise ModelFileError(f"{path} is not a safetensors file")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        (header_bytes,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(header_bytes)
+    if len(raw) < header_bytes:
+        raise ModelFileError(f"{path} is truncated: its header needs {header_bytes} bytes, the file has {size}")
+    try:
+        header = json.loads(raw)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise ModelFileError(f"{path} has a corrupt safetensors header: {error}") from error
+    expected = 8 + header_bytes + end
+    if size < expected:
+        raise ModelFileError(f"{path} is truncated: {size} bytes, its header describes {expected}")
+
+
+def _read_record(directory: Path) -> dict[str, Any]:
+    record_path = directory / RECORD_FILE
+    if not record_path.is_file():
+        raise ModelFileNotFoundError(f"{directory} has no {RECORD_FILE}; is it a directory written by graphprune.save?")
+    _refuse_pickle(record_path, sniff(record_path))
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ModelFileError(f"{record_path} is not valid JSON: {error}") from error
+    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise ModelFileError(f"{record_path} has format {found!r}; this graphprune reads {MODEL_FORMAT!r}")
+    for key, kind in (("architecture", dict), ("plans", list), ("tensors", dict), ("tied", dict), ("weights", dict)):
+        if not isinstance(record.get(key), kind):
+            raise ModelFileError(f"{record_path}: field {key!r} is missing or not a {kind.__name__}")
+    return record
+
+
+def _resolve(path: Path) -> Path:
+    """The save directory for ``path`` (the directory, or one of its two files)."""
+    if not path.exists():
+        raise ModelFileNotFoundError(f"no such file or directory: {path}")
+    if path.is_dir():
+        return path
+    if path.name in (RECORD_FILE, WEIGHTS_FILE) and _is_saved_model(path.parent):
+        return path.parent
+    kind = sniff(path)
+    _refuse_pickle(path, kind)
+    if kind == "safetensors":
+        raise ModelFileError(f"{path} is a bare safetensors file with no architecture record; graphprune.load reads "
+                             f"the directory graphprune.save writes ({RECORD_FILE} + {WEIGHTS_FILE})")
+    raise ModelFileError(f"{path} is not a graphprune model directory")
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model written by :func:`save`, in eval mode, without unpickling anything.
+
+    Builds ``timm.create_model(name, pretrained=False, **kwargs)``, re-applies the saved
+    plans in order, checks every tensor shape and dtype against ``graphprune.json``, then
+    loads ``model.safetensors`` with ``strict=True``. The model's ``graphprune_plans`` and
+    ``graphprune_architecture`` are restored, so it can be pruned again and saved again.
+
+    Args:
+        path: the directory (or either file in it).
+
+    Raises:
+        ModelFileNotFoundError: the path or one of its files does not exist.
+        ModelFileError: a pickle or truncated file, a record that does not match the weights,
+            or an unknown architecture.
+
+    Example:
+        >>> import tempfile, timm
+        >>> folder = save(timm.create_model("resnet18", pretrained=False, num_classes=10), tempfile.mkdtemp() + "/r18")
+        >>> load(folder).fc.out_features
+        10
+    """
+    directory = _resolve(Path(path))
+    record = _read_record(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelFileNotFoundError(f"{directory} has {RECORD_FILE} but no {WEIGHTS_FILE}")
+    _check_weights_file(weights)
+    expected = record["weights"]
+    if weights.stat().st_size != expected.get("bytes") or _sha256(weights) != expected.get("sha256"):
+        raise ModelFileError(f"{weights} is not the file {RECORD_FILE} was written with (size or SHA-256 differ); "
+                             "save the model again with graphprune.save")
+    tensors_record, tied = record["tensors"], record["tied"]
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        stored = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelFileError(f"cannot read {weights}: {error}") from error
+    wanted = {k: v for k, v in tensors_record.items() if k not in tied}
+    problems = _shape_differences(wanted, _tensor_record(stored))
+    if problems or any(alias not in tensors_record or name not in stored for alias, name in tied.items()):
+        raise ModelFileError(f"{RECORD_FILE} does not match {WEIGHTS_FILE}: {'; '.join(problems) or 'bad tied names'}")
+    try:
+        arch = Architecture.from_dict(record["architecture"])
+        plans = tuple(Plan.from_json(json.dumps(plan)) for plan in record["plans"])
+    except InvalidArgumentError as error:
+        raise ModelFileError(f"{directory / RECORD_FILE}: {error}") from error
+    model = build_model(arch, plans)
+    live = model.state_dict(keep_vars=True)
+    problems = _shape_differences(_shapes_only(tensors_record), _shapes_only(_tensor_record(live)))
+    if problems:
+        raise ModelFileError(f"timm {arch.timm} with the {len(plans)} saved plan(s) re-applied does not match "
+                             f"{RECORD_FILE} ({'; '.join(problems)}); was it saved with another timm version?")
+    with torch.no_grad():
+        for name, tensor in live.items():  # a model saved in half precision comes back in half precision
+            dtype = getattr(torch, tensors_record[name]["dtype"], None)
+            if isinstance(dtype, torch.dtype) and tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
+    full = dict(stored) | {alias: stored[name] for alias, name in tied.items()}
+    try:
+        model.load_state_dict(full, strict=True)
+    except RuntimeError as error:
+        raise ModelFileError(f"cannot load {weights}: {error}") from error
+    setattr(model, HISTORY_ATTR, [plan.to_json() for plan in plans])
+    setattr(model, ARCHITECTURE_ATTR, arch.to_dict())
+    return model.eval()
