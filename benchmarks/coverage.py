@@ -16,8 +16,9 @@ at ``--ratio`` and records one CSV row:
 
 Channels a statistic is taken over (layer norm, group norm, softmax) are left out of the
 exactness test for both tools: zeroing them changes the statistic, so no removal can be
-exact there. Random-init batch norms have running stats 0/1 and affine 1/0, which would
-hide a wrongly paired statistic; both tools see norms randomized the same way first.
+exact there. Random init leaves norms at affine 1/0 with running stats 0/1, some heads at
+zero and layer scales at 1e-6, which would make almost any removal look exact; both tools
+see these constants redrawn the same way first (``_randomize_inits_``).
 
 graphprune: ``trace`` + ``find_groups`` (classifier ignored) is the graph time; scoring
 (``l1``), ``make_plan`` and ``apply_verified_`` (removal plus one verifying forward, what
@@ -97,24 +98,46 @@ def _one_line(error: BaseException) -> str:
     return (text[0] if text else type(error).__name__)[:300]
 
 
-def _randomize_norms_(model, seed: int) -> None:
-    """Give every norm layer non-trivial affine params and (batch norm) running stats."""
+def _randomize_inits_(model, seed: int) -> None:
+    """Redraw what timm initializes to constants, so zero-then-prune can detect an error.
+
+    Random-init norms are affine 1/0 with running stats 0/1, heads of some families are
+    zero (mixer, resmlp) and layer scales are 1e-5 or 1e-6 (convnext, cait, resmlp): the
+    output then hardly depends on the pruned channels and any removal looks exact. Norm
+    layers get weight U(0.5, 1.5), bias N(0, 0.1^2), running mean N(0, 0.1^2) and variance
+    U(0.5, 1.5); every other constant-valued parameter gets the same by kind (vectors named
+    ``bias`` like biases, other vectors like scales, tensors N(0, 0.02^2)).
+    """
     import torch
     from torch import nn
 
     gen = torch.Generator().manual_seed(seed + 1)
+
+    def scale(t):
+        return 0.5 + torch.rand(t.shape, generator=gen)
+
+    def shift(t):
+        return 0.1 * torch.randn(t.shape, generator=gen)
+
     norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
     with torch.no_grad():
         for module in model.modules():
             if not isinstance(module, norms):
                 continue
             if getattr(module, "weight", None) is not None:
-                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=gen))
+                module.weight.copy_(scale(module.weight))
             if getattr(module, "bias", None) is not None:
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+                module.bias.copy_(shift(module.bias))
             if getattr(module, "running_mean", None) is not None:
-                module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=gen))
-                module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=gen))
+                module.running_mean.copy_(shift(module.running_mean))
+                module.running_var.copy_(scale(module.running_var))
+        for name, param in model.named_parameters():
+            if param.numel() < 2 or param.min() != param.max():
+                continue
+            if param.dim() >= 2:
+                param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(shift(param) if name.endswith("bias") else scale(param))
 
 
 def _shapes(out) -> list:
@@ -340,7 +363,7 @@ def run_worker(tool: str, name: str, cfg: Config) -> dict:
     try:
         torch.manual_seed(cfg.seed)
         model = timm.create_model(name, pretrained=False)
-        _randomize_norms_(model, cfg.seed)
+        _randomize_inits_(model, cfg.seed)
         model.eval()
         input_size = timm.data.resolve_data_config(model=model)["input_size"]
         x = torch.randn(1, *input_size)
@@ -530,10 +553,11 @@ def plot(rows: list[dict], path: Path) -> None:
         failed = [i for i, o in enumerate(ok) if not o]
         ax_t.plot([0.05] * len(failed), y[failed] + offset, "x", color=colors[tool])
     ax_t.set_xscale("log")
+    ax_t.set_xlim(left=0.03)
     ax_t.set_xlabel("graph build + prune, seconds (x at left: failed)")
     ax_t.set_yticks(y, models, fontsize=7)
     ax_t.set_ylim(len(models) - 0.5, -0.5)  # same rows as the grid, first model on top
-    ax_t.legend(loc="lower right", fontsize=8)
+    ax_t.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     columns = [(t, key) for t in TOOLS for key in ("status", "exact")]
     grid = np.full((len(models), len(columns)), 0.5)
     for i, m in enumerate(models):
