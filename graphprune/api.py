@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import PruneError
+from .budget import check_flops_reduction, select_for_flops
+from .errors import InvalidArgumentError, PruneError
 from .groups import Groups, find_groups
 from .inputs import ExampleInputs, as_args
 from .plan import Plan, _check_ratio, make_plan
@@ -109,19 +110,59 @@ class _Undo(Exception):
     pass
 
 
-def prune_(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float, scorer: str | Scorer = "l1",
-           ignore: Iterable[str] = (), round_to: int = 1) -> nn.Module:
-    """Prune ``model`` in place; see :func:`prune`."""
-    _check_ratio(ratio)
+def prune_(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float | None = None,
+           flops_reduction: float | None = None, scorer: str | Scorer = "l1", ignore: Iterable[str] = (),
+           round_to: int = 1) -> nn.Module:
+    """Prune ``model`` in place; see :func:`prune` (same arguments). On error the model is unchanged."""
+    _check_target(ratio, flops_reduction)
     score_fn = get_scorer(scorer)
     args = as_args(model, example_inputs)
     graph = trace(model, args)
     groups = find_groups(graph, ignore=ignore, model=model)
     scores = score_fn(groups, model)
-    plan = make_plan(groups, scores, ratio=ratio, round_to=round_to)
-    applied, _ = apply_verified_(model, groups, plan, args)
+    if ratio is not None:
+        plan = make_plan(groups, scores, ratio=ratio, round_to=round_to)
+        applied, _ = apply_verified_(model, groups, plan, args)
+    else:  # verified and measured on a trial copy
+        applied = _plan_for_flops(model, groups, scores, args, flops_reduction, round_to)
+        apply_plan_(model, applied)
     record_plan(model, applied)
     return model
+
+
+def _check_target(ratio: float | None, flops_reduction: float | None) -> None:
+    if (ratio is None) == (flops_reduction is None):
+        raise InvalidArgumentError("give exactly one of ratio= (channel fraction) or flops_reduction= (MACs fraction)")
+    if ratio is not None:
+        _check_ratio(ratio)
+    else:
+        check_flops_reduction(flops_reduction)
+
+
+def _plan_for_flops(model: nn.Module, groups: Groups, scores, args: tuple, flops_reduction: float,
+                    round_to: int, tolerance: float = 0.01) -> Plan:
+    """Search on the graph's MAC estimate, then measure with fvcore on a trial copy.
+
+    Groups the verification drops (see :func:`apply_verified_`) are excluded and the
+    search repeated, so the measured reduction lands within ``tolerance`` of the target.
+    """
+    from .measurement import count_macs
+
+    base = count_macs(model, args)
+    exclude: frozenset[int] = frozenset()
+    for _ in range(3):
+        _, chosen, _ = select_for_flops(groups, scores, flops_reduction, round_to=round_to, exclude=exclude)
+        plan = make_plan(groups, removed=chosen)
+        trial = copy.deepcopy(model)
+        applied, dropped = apply_verified_(trial, groups, plan, args)
+        measured = 1.0 - count_macs(trial, args) / base
+        if abs(measured - flops_reduction) <= tolerance:
+            return applied
+        if not dropped:
+            break
+        exclude = exclude | frozenset(dropped)
+    raise PruneError(f"could not reach a {flops_reduction:.1%} FLOPs reduction: fvcore measured {measured:.1%} "
+                     "for the closest plan")
 
 
 HISTORY_ATTR = "graphprune_plans"
@@ -135,8 +176,9 @@ def record_plan(model: nn.Module, plan: Plan) -> None:
     setattr(model, HISTORY_ATTR, history)
 
 
-def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float, scorer: str | Scorer = "l1",
-          ignore: Iterable[str] = (), round_to: int = 1) -> nn.Module:
+def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float | None = None,
+          flops_reduction: float | None = None, scorer: str | Scorer = "l1", ignore: Iterable[str] = (),
+          round_to: int = 1) -> nn.Module:
     """Return a structurally pruned copy of ``model``; the input model is not modified.
 
     Args:
@@ -144,6 +186,9 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
         example_inputs: a tensor or tuple of positional arguments for tracing; ``None``
             uses one image of ``pretrained_cfg["input_size"]``.
         ratio: fraction of each group's channels to remove, in ``[0, 1)``.
+        flops_reduction: instead of ``ratio``: the fraction of MACs to remove, in ``(0, 1)``;
+            the ratio is searched on the graph's MAC estimate and the result is verified
+            with fvcore to within one percentage point.
         scorer: a registered scorer name (``"l1"``, ``"l2"``, ...) or a callable.
         ignore: module names whose parameters keep every channel (and what couples to them).
         round_to: keep a multiple of this many channels per group.
@@ -165,7 +210,8 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
         >>> sum(p.numel() for p in small.parameters()) < 0.35 * sum(p.numel() for p in model.parameters())
         True
     """
-    _check_ratio(ratio)
+    _check_target(ratio, flops_reduction)
     get_scorer(scorer)
     pruned = copy.deepcopy(model)
-    return prune_(pruned, example_inputs, ratio=ratio, scorer=scorer, ignore=ignore, round_to=round_to)
+    return prune_(pruned, example_inputs, ratio=ratio, flops_reduction=flops_reduction, scorer=scorer,
+                  ignore=ignore, round_to=round_to)

@@ -117,10 +117,10 @@ def _count_to_remove(group: ChannelGroup, ratio: float, round_to: int) -> int:
 
 
 def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio: float,
-                    round_to: int = 1) -> dict[int, tuple[int, ...]]:
+                    round_to: int = 1, exclude: frozenset[int] = frozenset()) -> dict[int, tuple[int, ...]]:
     """Local selection: remove the lowest-scoring ``ratio`` of every group's channels.
 
-    Frozen channels are never selected and no group is emptied.
+    Frozen channels are never selected, no group is emptied, groups in ``exclude`` are skipped.
 
     Example:
         >>> import torch, graphprune as gp
@@ -133,6 +133,8 @@ def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio
     ratio = _check_ratio(ratio)
     removed: dict[int, tuple[int, ...]] = {}
     for group in groups:
+        if group.id in exclude:
+            continue
         score = scores.get(group.id)
         if score is None:
             raise InvalidArgumentError(f"no score for group {group.id} ({group.name})")

@@ -229,4 +229,5 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
     classes = store.resolve()
     return TraceGraph(recorder.graph, tuple(recorder.ops), store, classes, store.frozen_classes(classes),
                       dict(ctx.state_infos), recorder.unsupported, outputs,
-                      tuple(tuple(o.shape) for o in flat_tensors(out)), store.statistic_classes(classes))
+                      tuple(tuple(o.shape) for o in flat_tensors(out)), store.statistic_classes(classes),
+                      tuple(ctx.costs))

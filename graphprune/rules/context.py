@@ -66,6 +66,11 @@ class Context:
         self._alive: list[torch.Tensor] = []  # keeps ids unique while tracing
         self._state_names = state_names  # id(param or buffer) -> qualified name
         self.state_infos: dict[str, TensorInfo] = {}
+        self.costs: list[tuple[int, tuple[np.ndarray, ...]]] = []
+
+    def add_cost(self, macs: int, dims: list[np.ndarray | None]) -> None:
+        """Record ``macs`` multiply-adds that scale with the kept fraction of each channel dim in ``dims``."""
+        self.costs.append((int(macs), tuple(d for d in dims if d is not None)))
 
     def info(self, tensor: torch.Tensor) -> TensorInfo:
         """Info of a tensor; parameters and floating buffers get fresh elements on first sight."""

@@ -58,6 +58,9 @@ def _conv(ctx: Context, call: Call) -> list[TensorInfo]:
         out = w_out if (w_out >= 0).any() else None
     if bias is not None:
         out = _couple(ctx, out, ctx.info(bias).dims[0], c_out)
+    result = call.outputs[0]
+    w_dims = ctx.info(weight).dims
+    ctx.add_cost(result.numel() * weight[0].numel(), [w_dims[0], w_dims[1]])
     dims = [ctx.info(x).dims[0], out] + [None] * (x.dim() - 2)
     return [TensorInfo(tuple(dims))]
 
@@ -71,6 +74,7 @@ def _linear(ctx: Context, call: Call) -> list[TensorInfo]:
         _couple(ctx, w_info.dims[0], x_info.dims[-1], x.shape[-1])
         return [TensorInfo(x_info.dims[:-1])]
     _couple(ctx, w_info.dims[1], x_info.dims[-1], x.shape[-1])
+    ctx.add_cost(x.numel() // max(x.shape[-1], 1) * weight.numel(), [w_info.dims[0], w_info.dims[1]])
     out = w_info.dims[0]
     if bias is not None:
         out = _couple(ctx, out, ctx.info(bias).dims[0], weight.shape[0])

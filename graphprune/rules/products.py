@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from . import register_rule
 from .context import Call, Context, merge_dims
 from .names import spellings
 from ..elements import TensorInfo
 
 
-def _einsum_info(ctx: Context, spec: str, operands: list, out_shape: tuple[int, ...], *, heads: bool) -> TensorInfo:
+def _einsum_info(ctx: Context, spec: str, operands: list, out_shape: tuple[int, ...], *, heads: bool,
+                 cost: bool = True) -> TensorInfo:
     inputs, output = spec.replace(" ", "").split("->")
     terms = inputs.split(",")
     letters: dict[str, list] = {}
@@ -26,6 +29,11 @@ def _einsum_info(ctx: Context, spec: str, operands: list, out_shape: tuple[int, 
             letters.setdefault(letter, []).append((ctx.info(t).dims[d], t.shape[d]))
             sizes[letter] = max(sizes.get(letter, 1), t.shape[d])
     merged = {letter: merge_dims(ctx.store, column, sizes[letter]) for letter, column in letters.items()}
+    if cost:
+        macs = 1
+        for n in sizes.values():
+            macs *= n
+        ctx.add_cost(macs, [merged[letter] for letter in sizes])
     if heads:
         for letter in output:
             if merged[letter] is not None and all(letter in term for term in terms) and letter != output[-1]:
@@ -76,4 +84,10 @@ def _sdpa(ctx: Context, call: Call) -> list[TensorInfo]:
     if isinstance(mask, type(q)) and mask.is_floating_point() and mask.dim() == n:
         operands.append(mask)
         terms.append(batch + "xz")
-    return [_einsum_info(ctx, ",".join(terms) + f"->{batch}xw", operands, tuple(out.shape), heads=True)]
+    info = _einsum_info(ctx, ",".join(terms) + f"->{batch}xw", operands, tuple(out.shape), heads=True, cost=False)
+    # two products: softmax(q k^T) is (.., Nq, Nk) over D, then times v over Nk
+    lead = [info.dims[i] for i in range(n - 2)]
+    size = int(torch.tensor(q.shape[:-2]).prod()) * q.shape[-2] * k.shape[-2]
+    ctx.add_cost(size * q.shape[-1], lead + [ctx.info(q).dims[-1]])
+    ctx.add_cost(size * v.shape[-1], lead + [info.dims[-1]])
+    return [info]
