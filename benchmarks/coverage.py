@@ -225,9 +225,6 @@ class GraphpruneRunner:
         return _rel_diff(model, x, reference)
 
 
-_STATISTIC_NORMS = ()  # filled lazily: norms whose statistic runs over the channels
-
-
 class TorchPruningRunner:
     """Torch-Pruning 1.6.1 as its timm examples use it."""
 
@@ -279,7 +276,7 @@ class TorchPruningRunner:
         # shifts the concat offsets another group's indices were computed with.
         groups = list(pruner.step(interactive=True))
         unwrapped = {id(u.parameters): u.pruning_dim for u in pruner.DG.unwrapped_parameters}
-        kept = [g for g in groups if self._zeroable(g, pruner.DG)]
+        kept = [g for g in groups if self._zeroable(g)]
         row["notes"] += f"tp exactness skipped {len(groups) - len(kept)} of {len(groups)} groups; "
         row.update(exact_groups=len(kept), exact_channels=sum(len(g[0].idxs) for g in kept))
         if not kept:
@@ -296,7 +293,7 @@ class TorchPruningRunner:
         return _rel_diff(model, x, reference)
 
     @staticmethod
-    def _zeroable(group, graph) -> bool:
+    def _zeroable(group) -> bool:
         from torch import nn
 
         for dep, _ in group:

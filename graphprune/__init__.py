@@ -15,7 +15,7 @@ from .api import prune, prune_
 from .errors import GraphpruneError, InvalidArgumentError, PruneError, UnsupportedModelError
 from .graph import TraceGraph
 from .groups import ChannelGroup, Groups, Member, classifier_names, find_groups
-from .plan import AttrPatch, ParamEdit, Plan, make_plan, select_channels
+from .plan import AttrPatch, ParamEdit, Plan, PlanConfig, make_plan, removal_table, select_channels
 from .removal import apply_plan_
 from .scoring import SCORERS, get_scorer, register_scorer
 from .tracer import trace
@@ -24,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttrPatch", "ChannelGroup", "GraphpruneError", "Groups", "InvalidArgumentError", "Member", "ParamEdit",
-    "Plan", "PruneError", "SCORERS", "TraceGraph", "UnsupportedModelError", "apply_plan_", "classifier_names",
-    "find_groups", "get_scorer", "make_plan", "prune", "prune_", "register_scorer", "select_channels", "trace",
+    "Plan", "PlanConfig", "PruneError", "SCORERS", "TraceGraph", "UnsupportedModelError", "apply_plan_", "classifier_names",
+    "find_groups", "get_scorer", "make_plan", "prune", "prune_", "register_scorer", "removal_table", "select_channels", "trace",
 ]

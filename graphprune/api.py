@@ -7,7 +7,8 @@ customize any stage.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from .budget import check_flops_reduction, select_for_flops
 from .errors import InvalidArgumentError, PruneError
 from .groups import Groups, find_groups
 from .inputs import ExampleInputs, as_args
-from .plan import Plan, _check_ratio, make_plan
+from .plan import Plan, PlanConfig, _check_ratio, make_plan
 from .removal import apply_plan_, restore_on_error
 from .rules.context import flat_tensors
 from .scoring import get_scorer
@@ -111,23 +112,32 @@ class _Undo(Exception):
 
 
 def prune_(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float | None = None,
-           flops_reduction: float | None = None, scorer: str | Scorer = "l1", ignore: Iterable[str] = (),
-           round_to: int = 1) -> nn.Module:
+           flops_reduction: float | None = None, scorer: str | Scorer = "l1",
+           scorer_options: Mapping[str, Any] | None = None, ignore: Iterable[str] = (),
+           config: PlanConfig | None = None, round_to: int | None = None) -> nn.Module:
     """Prune ``model`` in place; see :func:`prune` (same arguments). On error the model is unchanged."""
     _check_target(ratio, flops_reduction)
     score_fn = get_scorer(scorer)
+    config = _config(config, round_to)
     args = as_args(model, example_inputs)
     graph = trace(model, args)
     groups = find_groups(graph, ignore=ignore, model=model)
-    scores = score_fn(groups, model)
+    scores = score_fn(groups, model, **dict(scorer_options or {}))
     if ratio is not None:
-        plan = make_plan(groups, scores, ratio=ratio, round_to=round_to)
+        plan = make_plan(groups, scores, ratio=ratio, config=config)
         applied, _ = apply_verified_(model, groups, plan, args)
     else:  # verified and measured on a trial copy
-        applied = _plan_for_flops(model, groups, scores, args, flops_reduction, round_to)
+        applied = _plan_for_flops(model, groups, scores, args, flops_reduction, config)
         apply_plan_(model, applied)
     record_plan(model, applied)
     return model
+
+
+def _config(config: PlanConfig | None, round_to: int | None) -> PlanConfig:
+    config = config or PlanConfig()
+    if round_to is not None:
+        config = PlanConfig(config.scope, config.normalize, round_to, config.max_group_ratio)
+    return config
 
 
 def _check_target(ratio: float | None, flops_reduction: float | None) -> None:
@@ -140,7 +150,7 @@ def _check_target(ratio: float | None, flops_reduction: float | None) -> None:
 
 
 def _plan_for_flops(model: nn.Module, groups: Groups, scores, args: tuple, flops_reduction: float,
-                    round_to: int, tolerance: float = 0.01) -> Plan:
+                    config: PlanConfig, tolerance: float = 0.01) -> Plan:
     """Search on the graph's MAC estimate, then measure with fvcore on a trial copy.
 
     Groups the verification drops (see :func:`apply_verified_`) are excluded and the
@@ -151,7 +161,7 @@ def _plan_for_flops(model: nn.Module, groups: Groups, scores, args: tuple, flops
     base = count_macs(model, args)
     exclude: frozenset[int] = frozenset()
     for _ in range(3):
-        _, chosen, _ = select_for_flops(groups, scores, flops_reduction, round_to=round_to, exclude=exclude)
+        _, chosen, _ = select_for_flops(groups, scores, flops_reduction, config=config, exclude=exclude)
         plan = make_plan(groups, removed=chosen)
         trial = copy.deepcopy(model)
         applied, dropped = apply_verified_(trial, groups, plan, args)
@@ -177,8 +187,9 @@ def record_plan(model: nn.Module, plan: Plan) -> None:
 
 
 def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float | None = None,
-          flops_reduction: float | None = None, scorer: str | Scorer = "l1", ignore: Iterable[str] = (),
-          round_to: int = 1) -> nn.Module:
+          flops_reduction: float | None = None, scorer: str | Scorer = "l1",
+          scorer_options: Mapping[str, Any] | None = None, ignore: Iterable[str] = (),
+          config: PlanConfig | None = None, round_to: int | None = None) -> nn.Module:
     """Return a structurally pruned copy of ``model``; the input model is not modified.
 
     Args:
@@ -189,9 +200,14 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
         flops_reduction: instead of ``ratio``: the fraction of MACs to remove, in ``(0, 1)``;
             the ratio is searched on the graph's MAC estimate and the result is verified
             with fvcore to within one percentage point.
-        scorer: a registered scorer name (``"l1"``, ``"l2"``, ...) or a callable.
+        scorer: a registered scorer name (``"l1"``, ``"l2"``, ``"random"``, ``"bn_scale"``,
+            ``"taylor"``, ``"target_taylor"``, ``"classmean"``) or a callable.
+        scorer_options: keyword arguments for the scorer, e.g. ``{"data": loader}`` for the
+            data-driven ones.
         ignore: module names whose parameters keep every channel (and what couples to them).
-        round_to: keep a multiple of this many channels per group.
+        config: selection options (local or global ranking, normalization, rounding,
+            per-group cap); see :class:`graphprune.PlanConfig`.
+        round_to: shortcut for ``config.round_to``: keep a multiple of this many channels.
 
     Returns:
         The pruned copy: it has physically fewer channels, heads and FLOPs.
@@ -214,4 +230,4 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
     get_scorer(scorer)
     pruned = copy.deepcopy(model)
     return prune_(pruned, example_inputs, ratio=ratio, flops_reduction=flops_reduction, scorer=scorer,
-                  ignore=ignore, round_to=round_to)
+                  scorer_options=scorer_options, ignore=ignore, config=config, round_to=round_to)

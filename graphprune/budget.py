@@ -15,7 +15,7 @@ import torch
 
 from .errors import InvalidArgumentError
 from .groups import Groups
-from .plan import select_channels
+from .plan import PlanConfig, select_channels
 
 
 def check_flops_reduction(value: float) -> float:
@@ -34,7 +34,7 @@ def removed_classes(groups: Groups, removed: Mapping[int, tuple[int, ...]]) -> n
 
 
 def select_for_flops(groups: Groups, scores: Mapping[int, torch.Tensor], flops_reduction: float, *,
-                     round_to: int = 1, exclude: frozenset[int] = frozenset(),
+                     config: PlanConfig | None = None, exclude: frozenset[int] = frozenset(),
                      steps: int = 30) -> tuple[float, dict[int, tuple[int, ...]], float]:
     """Bisect the per-group ratio until the estimated MACs drop by ``flops_reduction``.
 
@@ -57,7 +57,7 @@ def select_for_flops(groups: Groups, scores: Mapping[int, torch.Tensor], flops_r
     base = graph.estimate_macs()
 
     def reduction(ratio: float) -> tuple[float, dict[int, tuple[int, ...]]]:
-        chosen = select_channels(groups, scores, ratio=ratio, round_to=round_to, exclude=exclude)
+        chosen = select_channels(groups, scores, ratio=ratio, config=config, exclude=exclude)
         return 1.0 - graph.estimate_macs(removed_classes(groups, chosen)) / base, chosen
 
     high = 0.99

@@ -124,7 +124,7 @@ class Groups:
             >>> import torch, graphprune as gp
             >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
             >>> print(gp.find_groups(gp.trace(net, torch.randn(1, 4))).report().splitlines()[0])
-            1 prunable groups, 8 prunable channels; 2 groups fully frozen
+            1 prunable groups, 8 prunable channels; 1 groups fully frozen
         """
         prunable = list(self)
         lines = [f"{len(prunable)} prunable groups, {sum(int(g.prunable.sum()) for g in prunable)} prunable channels; "
@@ -185,8 +185,8 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
         ...                           torch.nn.Conv2d(8, 4, 1))
         >>> groups = gp.find_groups(gp.trace(net, torch.randn(1, 3, 8, 8)))
         >>> [(m.name, m.dim) for m in groups[0].members]  # doctest: +NORMALIZE_WHITESPACE
-        [('0.weight', 0), ('0.bias', 0), ('1.weight', 0), ('1.bias', 0), ('1.running_mean', 0),
-         ('1.running_var', 0), ('3.weight', 1)]
+        [('0.weight', 0), ('0.bias', 0), ('1.running_mean', 0), ('1.running_var', 0), ('1.weight', 0),
+         ('1.bias', 0), ('3.weight', 1)]
     """
     ignore = tuple(ignore)
     store, classes = graph.store, graph.classes

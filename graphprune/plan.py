@@ -116,11 +116,87 @@ def _count_to_remove(group: ChannelGroup, ratio: float, round_to: int) -> int:
     return max(0, min(n, prunable, size - 1))
 
 
-def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio: float,
-                    round_to: int = 1, exclude: frozenset[int] = frozenset()) -> dict[int, tuple[int, ...]]:
-    """Local selection: remove the lowest-scoring ``ratio`` of every group's channels.
+@dataclass(frozen=True)
+class PlanConfig:
+    """How scores become a selection.
 
-    Frozen channels are never selected, no group is emptied, groups in ``exclude`` are skipped.
+    Attributes:
+        scope: ``"local"`` removes the same fraction of every group; ``"global"`` ranks all
+            channels of all groups together (after ``normalize``), so layers lose different
+            fractions (known to strip some layers bare: see ``max_group_ratio``).
+        normalize: per-group score normalization before a global ranking: ``"none"`` (scores
+            already comparable, e.g. ``target_taylor``), ``"mean"``, ``"max"``, ``"sum"`` or ``"l2"``.
+        round_to: keep a multiple of this many channels per group (SIMD-friendly widths).
+        max_group_ratio: never remove more than this fraction of one group (``None``: no cap
+            beyond keeping at least one channel per group and per member).
+    """
+
+    scope: str = "local"
+    normalize: str = "mean"
+    round_to: int = 1
+    max_group_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("local", "global"):
+            raise InvalidArgumentError(f"scope must be 'local' or 'global', got {self.scope!r}")
+        if self.normalize not in _NORMALIZERS:
+            raise InvalidArgumentError(f"normalize must be one of {sorted(_NORMALIZERS)}, got {self.normalize!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise InvalidArgumentError(f"round_to must be a positive integer, got {self.round_to!r}")
+        if self.max_group_ratio is not None and not 0 < self.max_group_ratio < 1:
+            raise InvalidArgumentError(f"max_group_ratio must be in (0, 1), got {self.max_group_ratio!r}")
+
+
+_NORMALIZERS = {
+    "none": lambda s: s,
+    "mean": lambda s: s / s.mean().clamp_min(1e-30),
+    "max": lambda s: s / s.max().clamp_min(1e-30),
+    "sum": lambda s: s / s.sum().clamp_min(1e-30),
+    "l2": lambda s: s / s.norm().clamp_min(1e-30),
+}
+
+
+def _checked_scores(groups: Groups, scores: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    checked = {}
+    for group in groups:
+        score = scores.get(group.id)
+        if score is None:
+            raise InvalidArgumentError(f"no score for group {group.id} ({group.name})")
+        score = torch.as_tensor(score, dtype=torch.float64).detach().flatten().cpu()
+        if score.numel() != group.size:
+            raise InvalidArgumentError(f"group {group.id} has {group.size} channels but {score.numel()} scores")
+        if torch.isnan(score).any():
+            raise InvalidArgumentError(f"scores of group {group.id} ({group.name}) contain NaN")
+        checked[group.id] = score
+    return checked
+
+
+def _cap(group: ChannelGroup, config: PlanConfig) -> int:
+    """Most channels one group may lose."""
+    cap = min(int(group.prunable.sum()), group.size - 1)
+    if config.max_group_ratio is not None:
+        cap = min(cap, int(math.floor(config.max_group_ratio * group.size + 1e-9)))
+    if config.round_to > 1:
+        cap = min(cap, group.size - config.round_to) if group.size > config.round_to else 0
+    return max(cap, 0)
+
+
+def _round(group: ChannelGroup, n: int, round_to: int) -> int:
+    """Remove fewer so the kept count is a multiple of ``round_to``."""
+    if round_to <= 1:
+        return n
+    keep = group.size - n
+    keep = int(math.ceil(keep / round_to)) * round_to
+    return max(0, group.size - keep)
+
+
+def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio: float,
+                    config: PlanConfig | None = None, round_to: int | None = None,
+                    exclude: frozenset[int] = frozenset()) -> dict[int, tuple[int, ...]]:
+    """Choose the lowest-scoring channels: ``ratio`` of each group (local) or of all channels (global).
+
+    Frozen channels are never selected, no group or member is emptied, groups in
+    ``exclude`` are skipped.
 
     Example:
         >>> import torch, graphprune as gp
@@ -131,28 +207,76 @@ def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio
         {0: (0, 1)}
     """
     ratio = _check_ratio(ratio)
+    config = config or PlanConfig()
+    if round_to is not None:
+        config = PlanConfig(config.scope, config.normalize, round_to, config.max_group_ratio)
+    checked = _checked_scores(groups, scores)
+    active = [g for g in groups if g.id not in exclude]
+    counts: dict[int, int] = {}
+    if config.scope == "local":
+        for group in active:
+            n = _round(group, int(math.floor(ratio * group.size + 1e-9)), config.round_to)
+            counts[group.id] = min(n, _cap(group, config))
+    else:
+        counts = _global_counts(active, checked, ratio, config)
     removed: dict[int, tuple[int, ...]] = {}
-    for group in groups:
-        if group.id in exclude:
+    for group in active:
+        n = counts.get(group.id, 0)
+        if n <= 0:
             continue
-        score = scores.get(group.id)
-        if score is None:
-            raise InvalidArgumentError(f"no score for group {group.id} ({group.name})")
-        score = torch.as_tensor(score, dtype=torch.float64).flatten()
-        if score.numel() != group.size:
-            raise InvalidArgumentError(f"group {group.id} has {group.size} channels but {score.numel()} scores")
-        if torch.isnan(score).any():
-            raise InvalidArgumentError(f"scores of group {group.id} ({group.name}) contain NaN")
-        n = _count_to_remove(group, ratio, round_to)
-        if n == 0:
-            continue
-        masked = score.clone()
+        masked = checked[group.id].clone()
         masked[torch.from_numpy(~group.prunable)] = math.inf
         order = torch.argsort(masked, stable=True)[:n]
-        chosen = _keep_members_nonempty(group, set(int(i) for i in order), score)
+        chosen = _keep_members_nonempty(group, set(int(i) for i in order), checked[group.id])
         if chosen:
             removed[group.id] = tuple(sorted(chosen))
     return removed
+
+
+def _global_counts(active: list[ChannelGroup], scores: dict[int, torch.Tensor], ratio: float,
+                   config: PlanConfig) -> dict[int, int]:
+    """How many channels each group loses when all channels are ranked together."""
+    normalize = _NORMALIZERS[config.normalize]
+    owners, values = [], []
+    for group in active:
+        prunable = torch.from_numpy(group.prunable.copy())
+        normalized = normalize(scores[group.id].clone())
+        owners.append(torch.full((int(prunable.sum()),), group.id, dtype=torch.long))
+        values.append(normalized[prunable])
+    if not owners:
+        return {}
+    owner, value = torch.cat(owners), torch.cat(values)
+    target = int(math.floor(ratio * sum(g.size for g in active) + 1e-9))
+    caps = {g.id: _cap(g, config) for g in active}
+    counts = dict.fromkeys(caps, 0)
+    taken = 0
+    for index in torch.argsort(value, stable=True).tolist():
+        if taken >= target:
+            break
+        gid = int(owner[index])
+        if counts[gid] < caps[gid]:
+            counts[gid] += 1
+            taken += 1
+    by_id = {g.id: g for g in active}
+    return {gid: _round(by_id[gid], n, config.round_to) for gid, n in counts.items()}
+
+
+def removal_table(groups: Groups, removed: Mapping[int, tuple[int, ...]]) -> str:
+    """Per-group report of a selection: name, channels, removed, fraction removed.
+
+    Example:
+        >>> import torch, graphprune as gp
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> groups = gp.find_groups(gp.trace(net, torch.randn(1, 4)))
+        >>> print(removal_table(groups, {0: (1, 2)}))
+        group  channels  removed  ratio  name
+            0         8        2  25.0%  0
+    """
+    lines = [f"{'group':>5}  {'channels':>8}  {'removed':>7}  {'ratio':>5}  name"]
+    for group in groups:
+        n = len(removed.get(group.id, ()))
+        lines.append(f"{group.id:>5}  {group.size:>8}  {n:>7}  {n / group.size:>5.1%}  {group.name}")
+    return "\n".join(lines)
 
 
 def _keep_members_nonempty(group: ChannelGroup, chosen: set[int], score: torch.Tensor) -> set[int]:
@@ -166,14 +290,17 @@ def _keep_members_nonempty(group: ChannelGroup, chosen: set[int], score: torch.T
 
 
 def make_plan(groups: Groups, scores: Mapping[int, torch.Tensor] | None = None, *, ratio: float = 0.0,
-              round_to: int = 1, removed: Mapping[int, tuple[int, ...]] | None = None) -> Plan:
+              config: PlanConfig | None = None, round_to: int | None = None,
+              removed: Mapping[int, tuple[int, ...]] | None = None) -> Plan:
     """Turn per-channel scores (or an explicit selection) into a :class:`Plan`.
 
     Args:
         groups: from :func:`graphprune.find_groups`.
         scores: group id -> one score per channel (lower is removed first).
-        ratio: fraction of each group's channels to remove, in ``[0, 1)``.
-        round_to: keep a multiple of this many channels per group.
+        ratio: fraction of channels to remove, in ``[0, 1)`` (per group, or overall with a
+            global ``config.scope``).
+        config: selection options (:class:`PlanConfig`); default local, no rounding.
+        round_to: shortcut for ``config.round_to``.
         removed: group id -> channels to remove, instead of ``scores``/``ratio``.
 
     Example:
@@ -187,7 +314,7 @@ def make_plan(groups: Groups, scores: Mapping[int, torch.Tensor] | None = None, 
     if removed is None:
         if scores is None:
             raise InvalidArgumentError("make_plan needs scores (with a ratio) or an explicit removed selection")
-        removed = select_channels(groups, scores, ratio=ratio, round_to=round_to)
+        removed = select_channels(groups, scores, ratio=ratio, config=config, round_to=round_to)
     removed = {int(k): tuple(sorted(int(i) for i in v)) for k, v in removed.items() if len(v)}
     graph = groups.graph
     gone = np.zeros(graph.frozen.size, dtype=bool)

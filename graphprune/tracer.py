@@ -12,6 +12,8 @@ the path taken for these inputs; that is the path pruning must keep consistent.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -38,6 +40,37 @@ _IGNORED = {"torch.Tensor.shape.__get__", "torch.Tensor.dim", "torch.Tensor.size
             "torch.Tensor.grad_fn.__get__", "torch.Tensor.is_cuda.__get__", "torch.Tensor.layout.__get__",
             "torch.Tensor.__iter__", "torch.is_grad_enabled", "torch.Tensor.is_sparse.__get__",
             "torch.Tensor.untyped_storage", "torch.Tensor.is_nested.__get__", "torch.Tensor.element_size"}
+
+
+@functools.lru_cache(maxsize=None)
+def _methods_source(cls: type) -> str | None:
+    """Source of every method but ``__init__`` along the class's MRO (up to ``nn.Module``)."""
+    parts = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        for name, value in vars(klass).items():
+            if name != "__init__" and inspect.isfunction(value):
+                try:
+                    parts.append(inspect.getsource(value))
+                except (OSError, TypeError):
+                    return None
+    return "\n".join(parts)
+
+
+def _read_in_forward(module: nn.Module, attr: str) -> bool:
+    """Whether the module's methods (other than ``__init__``) read ``self.<attr>``; True when unknown.
+
+    torch's own layers keep their size attributes (``in_channels``, ``groups``) without a
+    visible ``self.`` read; they are always candidates.
+    """
+    if type(module).__module__.startswith("torch.nn") or isinstance(module, nn.modules.conv._ConvNd):
+        return True
+    source = _methods_source(type(module))
+    return source is None or f"self.{attr}" in source
+
+
+_SHAPE_READS = {"torch.Tensor.shape.__get__", "torch.Tensor.size"}
 
 
 def _is_int_like(value: Any) -> bool:
@@ -78,7 +111,8 @@ class _Recorder(TorchFunctionMode):
         if found is None:
             module = self.modules.get(name)
             found = tuple((k, v) for k, v in vars(module).items()
-                          if not k.startswith("_") and _is_int_like(v)) if module is not None else ()
+                          if not k.startswith("_") and _is_int_like(v) and _read_in_forward(module, k)
+                          ) if module is not None else ()
             self._ints[name] = found
         return found
 
@@ -86,12 +120,15 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
+        if name in _SHAPE_READS and args and isinstance(args[0], torch.Tensor):
+            self.ctx.shape_read(self.module_stack[-1], args[0])
         if name in _IGNORED:
             return out
         outputs = flat_tensors(out)
         if not outputs:
             return out
         call = Call(name, func, tuple(args), kwargs, out, self.module_stack[-1], len(self.ops))
+        call.attributes = {v for _, v in self.module_ints(call.module) if isinstance(v, int)}
         inputs = call.tensor_args
         rule = RULES.get(name)
         self.ctx.store.current = f"{name} in {call.module or 'the model'}"
@@ -123,7 +160,7 @@ class _Recorder(TorchFunctionMode):
                 self.graph.add_edge(source, node)
         for o in outputs:
             self.producer[id(o)] = node
-        int_args = tuple(_flat_ints((call.args[1:], call.kwargs)))
+        int_args = tuple(i for i in _flat_ints((call.args[1:], call.kwargs)) if i not in call.dynamic)
         self.ops.append(OpRecord(node, call.name, call.module, int_args, tuple(infos), handled,
                                  self.module_ints(call.module) if int_args else ()))
 
@@ -150,9 +187,10 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(requires_grad)
 
 
-def _pusher(stack: list[str], name: str):
+def _pusher(stack: list[str], name: str, ctx: Context):
     def hook(*_: Any) -> None:
         stack.append(name)
+        ctx.module_entered(name)
     return hook
 
 
@@ -163,11 +201,11 @@ def _popper(stack: list[str]):
 
 
 @contextlib.contextmanager
-def _module_stack(model: nn.Module, stack: list[str]) -> Iterator[None]:
+def _module_stack(model: nn.Module, stack: list[str], ctx: Context) -> Iterator[None]:
     handles = []
     try:
         for name, module in model.named_modules():
-            handles.append(module.register_forward_pre_hook(_pusher(stack, name)))
+            handles.append(module.register_forward_pre_hook(_pusher(stack, name, ctx)))
             handles.append(module.register_forward_hook(_popper(stack), always_call=True))
         yield
     finally:
@@ -211,7 +249,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
     stack = [""]
     recorder = _Recorder(ctx, stack)
     recorder.modules = dict(model.named_modules())
-    with preserved_state(model), _module_stack(model, stack), torch.no_grad():
+    with preserved_state(model), _module_stack(model, stack, ctx), torch.no_grad():
         model.eval()
         try:
             with recorder:

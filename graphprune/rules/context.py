@@ -39,6 +39,14 @@ class Call:
     out: Any
     module: str
     index: int
+    dynamic: set = None  # integer arguments a rule found to be read from a tensor's shape
+    attributes: set = None  # integer attributes the executing module's forward reads
+
+    def __post_init__(self) -> None:
+        if self.dynamic is None:
+            self.dynamic = set()
+        if self.attributes is None:
+            self.attributes = set()
 
     @property
     def tensor_args(self) -> list[torch.Tensor]:
@@ -67,6 +75,18 @@ class Context:
         self._state_names = state_names  # id(param or buffer) -> qualified name
         self.state_infos: dict[str, TensorInfo] = {}
         self.costs: list[tuple[int, tuple[np.ndarray, ...]]] = []
+        self.shape_reads: dict[str, list[np.ndarray]] = {}
+
+    def module_entered(self, name: str) -> None:
+        """A module's forward begins: forget the shapes read in its previous call."""
+        self.shape_reads[name] = []
+
+    def shape_read(self, module: str, tensor: torch.Tensor) -> None:
+        """``tensor.shape`` was read in ``module``: its channel sizes may come back as arguments."""
+        reads = self.shape_reads.setdefault(module, [])
+        for dim in self.info(tensor).dims:
+            if dim is not None and not any(dim is r for r in reads):
+                reads.append(dim)
 
     def add_cost(self, macs: int, dims: list[np.ndarray | None]) -> None:
         """Record ``macs`` multiply-adds that scale with the kept fraction of each channel dim in ``dims``."""

@@ -221,6 +221,10 @@ def _getitem(ctx: Context, call: Call) -> list[TensorInfo] | None:
     expanded += [slice(None)] * (x.dim() - sum(1 for i in expanded if i is not None))
     dims_in = ctx.info(x).dims
     dims, k = [], 0
+    for position, i in enumerate(expanded):
+        if isinstance(i, slice) and i != slice(None) and i.step in (None, 1) and i.start in (None, 0) and \
+                (i.stop is None or i.stop >= x.shape[sum(1 for j in expanded[:position] if j is not None)]):
+            expanded[position] = slice(None)  # x[:, :n] with n >= size keeps every channel, also after pruning
     for i in expanded:
         if i is None:
             dims.append(None)

@@ -109,12 +109,36 @@ def _movement(ctx: Context, call: Call) -> list[TensorInfo]:
     if not any(i.has_channels for i in infos):
         return [TensorInfo.free(o.dim()) for o in outs]
     shortcut = SHORTCUTS.get(call.name)
-    if shortcut is not None:
-        found = shortcut(ctx, call)
-        if found is not None:
-            _couple_equal_parts(ctx, call, found)
-            return found
-    return replay(ctx, call, data, infos, outs)
+    found = shortcut(ctx, call) if shortcut is not None else None
+    if found is not None:
+        _couple_equal_parts(ctx, call, found)
+    else:
+        found = replay(ctx, call, data, infos, outs)
+    if call.name in SIZED:
+        _tie_sizes_read_from_shapes(ctx, call, found)
+    return found
+
+
+SIZED = set(spellings("view", "reshape", "expand"))
+
+
+def _tie_sizes_read_from_shapes(ctx: Context, call: Call, infos: list[TensorInfo]) -> None:
+    """A target size equal to a channel size read from ``x.shape`` in the same module call is
+    that size: ``reshape(B, N, C)`` with ``B, N, C = x.shape``. Couple the two dims index by
+    index, so any removal keeps the sizes equal (coupling more never makes a plan invalid)."""
+    sizes = call.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
+        sizes = tuple(sizes[0])
+    reads = ctx.shape_reads.get(call.module, [])
+    if not reads or len(infos) != 1 or len(sizes) != len(infos[0].dims):
+        return
+    for size, out_dim in zip(sizes, infos[0].dims):
+        if out_dim is None or not isinstance(size, int) or size <= 1 or size in call.attributes:
+            continue  # an attribute the forward reads (self.attn_dim) is patched instead
+        for read in reads:
+            if read.size == size and read is not out_dim:
+                ctx.store.union(out_dim, read)
+                call.dynamic.add(size)
 
 
 def replay(ctx: Context, call: Call, data: list, infos: list[TensorInfo], outs: list) -> list[TensorInfo]:

@@ -1,6 +1,6 @@
 """Importance scorers: one score per channel of each group (lower goes first)."""
 
-from . import magnitude  # noqa: F401  (registers l1, l2)
+from . import magnitude, simple  # noqa: F401  (registers l1, l2, random, bn_scale)
 from .registry import SCORERS, Scorer, Scores, get_scorer, register_scorer
 
 __all__ = ["SCORERS", "Scorer", "Scores", "get_scorer", "register_scorer"]
