@@ -48,10 +48,8 @@ import argparse
 import copy
 import csv
 import dataclasses
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -59,11 +57,11 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import attention_qkv, environment_columns, tp_pruner, tp_update_heads  # noqa: E402
 from models import LISTS  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -229,27 +227,14 @@ class TorchPruningRunner:
     """Torch-Pruning 1.6.1 as its timm examples use it."""
 
     def _pruner(self, model, x, importance, cfg: Config):
-        import torch_pruning as tp
-        from torch import nn
         import graphprune as gp
 
-        self.heads = {m: m.qkv for m in model.modules()
-                      if isinstance(getattr(m, "num_heads", None), int) and isinstance(getattr(m, "qkv", None), nn.Linear)}
+        self.heads = attention_qkv(model)
         ignored = [model.get_submodule(name) for name in gp.classifier_names(model)]
-        # fresh dicts: MetaPruner's defaults for these are shared mutable dicts it updates
-        return tp.pruner.MetaPruner(
-            model, x, importance=importance, pruning_ratio=cfg.ratio, ignored_layers=ignored,
-            num_heads={qkv: m.num_heads for m, qkv in self.heads.items()},
-            in_channel_groups={}, out_channel_groups={}, channel_groups={},
-        )
+        return tp_pruner(model, x, importance, cfg.ratio, ignored, self.heads)
 
     def _update_heads(self, pruner) -> None:
-        for module, qkv in self.heads.items():
-            module.num_heads = pruner.num_heads[qkv]
-            if isinstance(getattr(module, "head_dim", None), int):
-                module.head_dim = qkv.out_features // (3 * module.num_heads)
-            if isinstance(getattr(module, "attn_dim", None), int):
-                module.attn_dim = qkv.out_features // 3
+        tp_update_heads(self.heads, pruner)
 
     def prune_(self, model, x, cfg: Config, row: dict) -> None:
         import torch_pruning as tp
@@ -405,26 +390,9 @@ def run_worker(tool: str, name: str, cfg: Config) -> dict:
 
 def environment(cfg: Config) -> dict:
     """Columns that make a row reproducible: versions, CPU, threads, date."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return ""
-
     return {
         "ratio": cfg.ratio, "seed": cfg.seed, "timeout_s": cfg.timeout_s, "jobs": cfg.jobs,
-        "torch": version("torch"), "timm": version("timm"), "torch_pruning": version("torch-pruning"),
-        "graphprune": version("graphprune"), "python": platform.python_version(), "cpu": cpu,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        **environment_columns(),
     }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._runtime import paused_gc
 from .budget import check_flops_reduction, select_for_flops
 from .errors import InvalidArgumentError, PruneError
 from .groups import Groups, find_groups
@@ -116,6 +117,14 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: flo
            scorer_options: Mapping[str, Any] | None = None, ignore: Iterable[str] = (),
            config: PlanConfig | None = None, round_to: int | None = None) -> nn.Module:
     """Prune ``model`` in place; see :func:`prune` (same arguments). On error the model is unchanged."""
+    with paused_gc():
+        return _prune_(model, example_inputs, ratio=ratio, flops_reduction=flops_reduction, scorer=scorer,
+                       scorer_options=scorer_options, ignore=ignore, config=config, round_to=round_to)
+
+
+def _prune_(model: nn.Module, example_inputs: ExampleInputs, *, ratio: float | None, flops_reduction: float | None,
+            scorer: str | Scorer, scorer_options: Mapping[str, Any] | None, ignore: Iterable[str],
+            config: PlanConfig | None, round_to: int | None) -> nn.Module:
     _check_target(ratio, flops_reduction)
     score_fn = get_scorer(scorer)
     config = _config(config, round_to)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import GraphpruneError, InvalidArgumentError
+from .plan import PlanConfig
 from .scoring import SCORERS
 
 PROG = "graphprune"
@@ -33,6 +34,7 @@ examples:
   graphprune prune resnet18 -o resnet18-30 --ratio 0.3 --num-classes 10 --input-size 3,224,224
   graphprune prune vit_small_patch16_224 -o vit-half --ratio 0.5 --model-kwargs '{"img_size": 64}'
   graphprune prune resnet18-30 -o resnet18-50 --ratio 0.3     # prune a saved model again
+  graphprune prune resnet50 -o resnet50-f30 --flops-reduction 0.3 --no-latency
   graphprune measure resnet18-30 --no-latency --json
   graphprune inspect efficientnet_b0 --input-size 3,64,64
 
@@ -174,14 +176,14 @@ def _measure(model: nn.Module, inputs: torch.Tensor, *, latency: bool):
     return measure(model, inputs, latency=latency, warmup=3, repeats=10)
 
 
-def _prune_target(args: argparse.Namespace) -> float:
-    """The per-group removal ratio the command line asks for.
-
-    This is the one place a pruning target becomes a ratio: a ``--flops-reduction`` option
-    goes into the same mutually exclusive group as ``--ratio`` (see ``_add_prune``) and adds
-    its branch here, solving for the ratio that reaches the MAC target.
-    """
-    return args.ratio
+def _prune_target(args: argparse.Namespace) -> dict[str, Any]:
+    """The pruning target the command line asks for: ``ratio`` or ``flops_reduction``, and the scope."""
+    target: dict[str, Any] = {"config": PlanConfig(scope=args.scope, round_to=args.round_to)}
+    if args.flops_reduction is not None:
+        target["flops_reduction"] = args.flops_reduction
+    else:
+        target["ratio"] = args.ratio
+    return target
 
 
 def _cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,14 +196,15 @@ def _cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     inputs = example_inputs(loaded, args.input_size)
     check_runs(loaded, inputs)
     before = _measure(loaded.model, inputs, latency=args.latency)
-    pruned = api.prune(loaded.model, inputs, ratio=_prune_target(args), scorer=args.scorer,
-                       ignore=args.ignore or ())
+    target = _prune_target(args)
+    pruned = api.prune(loaded.model, inputs, scorer=args.scorer, ignore=args.ignore or (), **target)
     after = _measure(pruned, inputs, latency=args.latency)
     architecture = dict(loaded.architecture)
     architecture.setdefault("input_size", list(inputs.shape[1:]))
     io.save(pruned, output, architecture=architecture)
     table = compare(before, after)
-    return {"model": loaded.source, "output": str(output), "ratio": _prune_target(args), "scorer": args.scorer,
+    return {"model": loaded.source, "output": str(output), "ratio": args.ratio,
+            "flops_reduction": args.flops_reduction, "scope": args.scope, "scorer": args.scorer,
             "input_size": list(inputs.shape[1:]), "plans": len(getattr(pruned, api.HISTORY_ATTR, [])),
             "comparison": table.to_dict(), "_text": f"{table}\nsaved to {output}"}
 
@@ -260,8 +263,14 @@ def _add_prune(subparsers, common: argparse.ArgumentParser) -> None:
         description="Prune MODEL, save it to OUTPUT (a directory) and print the before/after table.")
     _add_model_options(parser)
     parser.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="directory to write")
-    target = parser.add_mutually_exclusive_group(required=True)  # --flops-reduction joins here
+    target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
+    target.add_argument("--flops-reduction", type=float, metavar="F",
+                        help="fraction of MACs to remove, in (0, 1); verified with fvcore to within 1 point")
+    parser.add_argument("--scope", choices=("local", "global"), default="local",
+                        help="local: same fraction of every group; global: one ranking over all groups")
+    parser.add_argument("--round-to", type=int, default=1, metavar="N",
+                        help="keep a multiple of N channels per group (default 1)")
     parser.add_argument("--scorer", default="l1", help=f"channel importance, one of {', '.join(sorted(SCORERS))}; "
                                                        "default l1")
     parser.add_argument("--ignore", action="append", metavar="NAME",

@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ._runtime import paused_gc
 from .errors import InvalidArgumentError
 from .groups import ChannelGroup, Groups
 
-PLAN_FORMAT = "graphprune.plan/1"
+PLAN_FORMAT = "graphprune.plan/2"
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,14 @@ class Plan:
             >>> Plan.from_json(plan.to_json()) == plan
             True
         """
+        with paused_gc():
+            return self._dumps()
+
+    def _dumps(self) -> str:
         return json.dumps({
             "format": PLAN_FORMAT,
             "removed": {str(k): list(v) for k, v in self.removed.items()},
-            "edits": [asdict(e) | {"keep": list(e.keep)} for e in self.edits],
+            "edits": [{"name": e.name, "dim": e.dim, "size": e.size, "keep": _to_runs(e.keep)} for e in self.edits],
             "patches": [asdict(p) for p in self.patches],
         })
 
@@ -83,7 +88,7 @@ class Plan:
             data = json.loads(text)
             if data.get("format") != PLAN_FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
-            edits = tuple(ParamEdit(str(e["name"]), int(e["dim"]), int(e["size"]), tuple(int(i) for i in e["keep"]))
+            edits = tuple(ParamEdit(str(e["name"]), int(e["dim"]), int(e["size"]), _from_runs(e["keep"]))
                           for e in data["edits"])
             patches = tuple(AttrPatch(str(p["module"]), str(p["attr"]), _ints(p["old"]), _ints(p["new"]))
                             for p in data["patches"])
@@ -91,6 +96,28 @@ class Plan:
         except (KeyError, TypeError, ValueError) as error:
             raise InvalidArgumentError(f"not a graphprune plan: {error}") from error
         return Plan(removed, edits, patches)
+
+
+def _to_runs(indices: tuple[int, ...]) -> list[list[int]]:
+    """Sorted indices as ``[start, stop)`` runs: ``(0, 1, 2, 5)`` -> ``[[0, 3], [5, 6]]``."""
+    if not indices:
+        return []
+    array = np.asarray(indices, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(array) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [array.size]])
+    return np.stack([array[starts], array[stops - 1] + 1], axis=1).tolist()
+
+
+def _from_runs(runs: list) -> tuple[int, ...]:
+    indices: list[int] = []
+    for start, stop in runs:
+        if not 0 <= int(start) < int(stop):
+            raise ValueError(f"bad index run {[start, stop]}")
+        indices.extend(range(int(start), int(stop)))
+    if indices != sorted(set(indices)):
+        raise ValueError("index runs overlap or are out of order")
+    return tuple(indices)
 
 
 def _ints(value: object) -> object:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
+from ._runtime import paused_gc
 from .elements import ElementStore, TensorInfo
 from .errors import UnsupportedModelError
 from .graph import OpRecord, TraceGraph
@@ -249,7 +250,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
     stack = [""]
     recorder = _Recorder(ctx, stack)
     recorder.modules = dict(model.named_modules())
-    with preserved_state(model), _module_stack(model, stack, ctx), torch.no_grad():
+    with paused_gc(), preserved_state(model), _module_stack(model, stack, ctx), torch.no_grad():
         model.eval()
         try:
             with recorder:
@@ -258,6 +259,11 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
             raise UnsupportedModelError(
                 f"tracing {type(model).__name__} failed while running its forward pass: "
                 f"{type(error).__name__}: {error}") from error
+    with paused_gc():
+        return _finish(recorder, ctx, store, out)
+
+
+def _finish(recorder: _Recorder, ctx: Context, store: ElementStore, out: Any) -> TraceGraph:
     outputs = tuple(ctx.info(o) for o in flat_tensors(out))
     store.current = "model output"
     for info in outputs:

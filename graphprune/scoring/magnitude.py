@@ -9,17 +9,25 @@ from ..groups import ChannelGroup, Groups
 from .registry import Scores, register_scorer
 
 
-def member_norms(group: ChannelGroup, model: nn.Module, p: int) -> torch.Tensor:
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by qualified name (tied tensors under each of their names)."""
+    return dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+
+
+@torch.no_grad()
+def member_norms(group: ChannelGroup, model: nn.Module, p: int,
+                 tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Sum over members of each channel's slice norm (``p``-th power summed: |w| or w^2).
 
     Every member counts, depthwise convs and norm layers included.
     """
-    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    tensors = tensors if tensors is not None else state_tensors(model)
     score = torch.zeros(group.size, dtype=torch.float64)
     for member in group.members:
-        tensor = tensors[member.name].detach().to(torch.float64)
+        tensor = tensors[member.name].detach()
+        power = tensor.abs() if p == 1 else tensor.square()
         other = [d for d in range(tensor.dim()) if d != member.dim]
-        per_index = tensor.abs().pow(p).sum(other) if other else tensor.abs().pow(p)
+        per_index = (power.sum(other) if other else power).to(torch.float64)
         channel = torch.from_numpy(member.channel.copy())
         valid = channel >= 0
         score.index_add_(0, channel[valid], per_index[valid])
@@ -37,10 +45,12 @@ def l1(groups: Groups, model: nn.Module) -> Scores:
         >>> l1(groups, net)[groups[0].id].shape
         torch.Size([3])
     """
-    return {g.id: member_norms(g, model, 1) for g in groups}
+    tensors = state_tensors(model)
+    return {g.id: member_norms(g, model, 1, tensors) for g in groups}
 
 
 @register_scorer("l2")
 def l2(groups: Groups, model: nn.Module) -> Scores:
     """L2 magnitude: square root of the sum of w^2 over every parameter slice of the channel."""
-    return {g.id: member_norms(g, model, 2).sqrt() for g in groups}
+    tensors = state_tensors(model)
+    return {g.id: member_norms(g, model, 2, tensors).sqrt() for g in groups}

@@ -1,0 +1,431 @@
+"""Speed benchmark: does removing X% of the MACs make a model X% faster on a CPU?
+
+For each model and FLOPs budget (fraction of fvcore MACs removed), three-plus pruned copies
+are made from the same seeded random weights:
+
+* graphprune: ``gp.prune(model, x, flops_reduction=budget, scorer="l1",
+  config=gp.PlanConfig(round_to=r), ignore=gp.classifier_names(model))`` for each ``r`` of
+  ``--round-to`` (it searches the channel selection itself and verifies with fvcore).
+* Torch-Pruning: ``MetaPruner(importance=MagnitudeImportance(p=1), pruning_ratio=p,
+  round_to=r)`` (local, uniform: every group loses the fraction ``p``), set up as
+  ``_common.tp_pruner``. ``p`` is searched so that the measured MACs reduction matches the
+  budget: bracketed bisection with linear interpolation on ``p`` in [0, 0.95], starting at
+  ``1 - sqrt(1 - budget)`` (MACs of a layer scale with cin * cout), each step pruning a fresh
+  copy and counting its MACs with ``torch.utils.flop_counter.FlopCounterMode`` (same op
+  classes as fvcore's count, much cheaper); it stops within ``--tp-tolerance`` of the budget
+  or after ``--tp-steps`` steps, keeps the closest, and that copy's MACs are then counted
+  with ``graphprune.measurement`` (fvcore) like every other row.
+
+Then every copy of one model (the unpruned baseline included) is timed with
+``graphprune.measurement.measure_latency`` (inference mode, eval, GC paused,
+``torch.set_num_threads(threads)``) at batch 1 and batch 16, *interleaved*: ``--rounds``
+rounds, in each round every copy gets one untimed pass and ``repeats`` timed passes, the
+order rotated from round to round. Background load then slows before and after alike
+instead of biasing one of them. The median, p10 and p90 are over the pooled passes.
+
+Per row: MACs and params (``graphprune.measurement.measure``), latency at batch 1 and 16,
+speedup ``t_before / t_after`` (``compare``), MACs ratio ``macs_before / macs_after`` (what
+the speedup would be if time were proportional to MACs, the physical limit) and efficiency
+``speedup / macs_ratio`` (issue 7 aims at >= 0.9 at batch 16 and >= 0.8 at batch 1). Every row
+records the environment and the 1-minute load average at start and end of the run and of the
+model's timing.
+
+Example:
+    python benchmarks/speed.py --quick
+    python benchmarks/speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import attention_qkv, environment_columns, tp_pruner, tp_update_heads  # noqa: E402
+
+RESULTS = HERE / "results"
+BATCHES = (1, 16)
+COLUMNS = (
+    "model", "budget", "tool", "round_to", "status", "error",
+    "macs", "params", "macs_kept", "params_kept", "macs_reduction", "macs_ratio",
+    "tp_ratio", "tp_steps", "prune_s",
+    "latency_ms_b1", "latency_ms_b1_p10", "latency_ms_b1_p90", "samples_b1",
+    "latency_ms_b16", "latency_ms_b16_p10", "latency_ms_b16_p90", "samples_b16",
+    "speedup_b1", "speedup_b16", "efficiency_b1", "efficiency_b16",
+    "input_size", "seed", "rounds", "repeats_b1", "repeats_b16", "threads",
+    "load_run_start", "load_run_end", "load_timing_start", "load_timing_end", "waited_s", "notes",
+    "torch", "timm", "torch_pruning", "graphprune", "python", "cpu", "date",
+)
+TARGET_EFFICIENCY = {1: 0.8, 16: 0.9}  # issue 7
+
+
+@dataclass(frozen=True)
+class Config:
+    models: tuple[str, ...] = ("resnet50", "efficientnet_b0", "convnext_tiny", "vit_small_patch16_224")
+    budgets: tuple[float, ...] = (0.3, 0.5)  # fraction of MACs removed
+    tools: tuple[str, ...] = ("graphprune", "torch_pruning")
+    round_to: tuple[int, ...] = (1, 8)  # both tools, each value
+    threads: int = 2  # torch.set_num_threads, fixed for the whole run
+    rounds: int = 5  # interleaved timing rounds (see the module docstring)
+    repeats_b1: int = 6  # timed passes per copy per round at batch 1
+    repeats_b16: int = 2  # ... at batch 16
+    seed: int = 0
+    tp_tolerance: float = 0.005  # stop the Torch-Pruning ratio search this close to the budget
+    tp_steps: int = 12  # at most this many Torch-Pruning prunes per search
+    max_load: float = 1.5  # wait at start while the 1-minute load average is above this ...
+    max_wait_s: float = 600.0  # ... for at most this long, checking every 30 s
+
+
+QUICK = Config(models=("resnet50", "vit_small_patch16_224"), budgets=(0.3,), rounds=3, repeats_b1=5,
+               repeats_b16=1)
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def wait_for_quiet(cfg: Config) -> float:
+    """Wait while the load average is above ``cfg.max_load``, up to ``cfg.max_wait_s``; seconds waited."""
+    start = time.monotonic()
+    while load1() > cfg.max_load and time.monotonic() - start < cfg.max_wait_s:
+        print(f"  load average {load1()} > {cfg.max_load}; waiting", flush=True)
+        time.sleep(30)
+    return round(time.monotonic() - start)
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def prune_graphprune(model, x, budget: float, round_to: int, row: dict):
+    import graphprune as gp
+
+    return gp.prune(model, x, flops_reduction=budget, scorer="l1", config=gp.PlanConfig(round_to=round_to),
+                    ignore=gp.classifier_names(model))
+
+
+def _flop_counter_macs(model, x) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2  # it counts 2 flops per MAC
+
+
+def _tp_prune_copy(model, x, ratio: float, round_to: int):
+    import graphprune as gp
+    import torch_pruning as tp
+
+    pruned = copy.deepcopy(model)
+    heads = attention_qkv(pruned)
+    fused = {m: m.fused_attn for m in heads if hasattr(m, "fused_attn")}
+    try:
+        for m in fused:  # trace the explicit attention, as Torch-Pruning's timm examples do
+            m.fused_attn = False
+        ignored = [pruned.get_submodule(name) for name in gp.classifier_names(pruned)]
+        pruner = tp_pruner(pruned, x, tp.importance.MagnitudeImportance(p=1), ratio, ignored, heads,
+                           round_to=None if round_to == 1 else round_to)
+        pruner.step()
+        tp_update_heads(heads, pruner)
+    finally:
+        for m, flag in fused.items():
+            m.fused_attn = flag  # every copy is timed with the same attention kernel
+    return pruned.eval()
+
+
+def prune_torch_pruning(model, x, budget: float, round_to: int, row: dict, cfg: Config):
+    """Search Torch-Pruning's channel ratio until the MACs reduction matches ``budget``."""
+    base = _flop_counter_macs(model, x)
+    lo, hi = (0.0, 0.0), (0.95, None)  # (ratio, measured reduction)
+    ratio = 1.0 - math.sqrt(1.0 - budget)
+    best = None  # (|error|, ratio, reduction, model)
+    for step in range(1, cfg.tp_steps + 1):
+        pruned = _tp_prune_copy(model, x, ratio, round_to)
+        reduction = 1.0 - _flop_counter_macs(pruned, x) / base
+        if best is None or abs(reduction - budget) < best[0]:
+            best = (abs(reduction - budget), ratio, reduction, pruned)
+        del pruned
+        row["tp_steps"] = step
+        if best[0] <= cfg.tp_tolerance:
+            break
+        if reduction < budget:
+            lo = (ratio, reduction)
+        else:
+            hi = (ratio, reduction)
+        if hi[1] is None:
+            ratio = (lo[0] + hi[0]) / 2
+        else:  # interpolate, but keep 10% away from the ends so the bracket shrinks
+            t = (budget - lo[1]) / max(hi[1] - lo[1], 1e-9)
+            ratio = lo[0] + min(max(t, 0.1), 0.9) * (hi[0] - lo[0])
+    row["tp_ratio"] = round(best[1], 4)
+    return best[3]
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_interleaved(models: dict, x, batch: int, repeats: int, cfg: Config) -> dict:
+    """Pooled latency samples per key of ``models``, measured in rotated round-robin order."""
+    from graphprune.measurement import measure_latency
+
+    keys = list(models)
+    samples = {k: [] for k in keys}
+    for k in keys:  # one untimed pass each: allocator, lazy init, weight repacking
+        measure_latency(models[k], x, batch_size=batch, threads=cfg.threads, warmup=0, repeats=1)
+    for r in range(cfg.rounds):
+        shift = r % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            stats = measure_latency(models[k], x, batch_size=batch, threads=cfg.threads, warmup=1, repeats=repeats)
+            samples[k] += stats.samples_ms
+    return samples
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def run_model(name: str, cfg: Config, common: dict) -> list[dict]:
+    import timm
+    import torch
+    from graphprune.measurement import compare, measure
+
+    torch.manual_seed(cfg.seed)
+    model = timm.create_model(name, pretrained=False).eval()
+    input_size = timm.data.resolve_data_config(model=model)["input_size"]
+    x = torch.randn(1, *input_size)
+    base = measure(model, x, latency=False, threads=cfg.threads)
+    common = {**common, "model": name, "input_size": "x".join(map(str, input_size))}
+    rows = [{**common, "budget": 0.0, "tool": "baseline", "round_to": "", "status": "ok"}]
+    copies = {0: model}
+    for budget in cfg.budgets:
+        for tool in cfg.tools:
+            for round_to in cfg.round_to:
+                row = {**common, "budget": budget, "tool": tool, "round_to": round_to, "status": "error", "notes": ""}
+                start = time.perf_counter()
+                try:
+                    if tool == "graphprune":
+                        pruned = prune_graphprune(model, x, budget, round_to, row)
+                    else:
+                        pruned = prune_torch_pruning(model, x, budget, round_to, row, cfg)
+                    row["prune_s"] = round(time.perf_counter() - start, 1)
+                    with torch.no_grad():
+                        out = pruned.eval()(x)
+                    if tuple(out.shape) != (1, model.num_classes):
+                        raise RuntimeError(f"pruned output shape {tuple(out.shape)}")
+                    row["status"] = "ok"
+                    copies[len(rows)] = pruned
+                except Exception as error:
+                    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                    row["notes"] += traceback.format_exc().strip().splitlines()[-1][:200]
+                rows.append(row)
+                print(f"  {name:<24}{budget:<5}{tool:<15}r{round_to:<3}{row['status']:<6}"
+                      f"prune_s={row.get('prune_s', '-')} tp_ratio={row.get('tp_ratio', '-')} {row.get('error', '')}",
+                      flush=True)
+    measured = {i: measure(m, x, latency=False, threads=cfg.threads) for i, m in copies.items()}
+
+    load_start = load1()
+    latency = {}
+    for batch, repeats in zip(BATCHES, (cfg.repeats_b1, cfg.repeats_b16)):
+        t0 = time.perf_counter()
+        latency[batch] = time_interleaved(copies, x, batch, repeats, cfg)
+        print(f"  {name}: batch {batch} timed in {time.perf_counter() - t0:.0f} s", flush=True)
+    load_end = load1()
+
+    for i, m in measured.items():
+        row = rows[i]
+        row.update(macs=m.macs, params=m.params, macs_kept=m.macs / base.macs, params_kept=m.params / base.params,
+                   macs_reduction=1 - m.macs / base.macs, macs_ratio=base.macs / m.macs,
+                   load_timing_start=load_start, load_timing_end=load_end)
+        for batch in BATCHES:
+            samples = latency[batch][i]
+            median = statistics.median(samples)
+            row.update({f"latency_ms_b{batch}": median, f"latency_ms_b{batch}_p10": _percentile(samples, 0.1),
+                        f"latency_ms_b{batch}_p90": _percentile(samples, 0.9), f"samples_b{batch}": len(samples)})
+            before = dataclasses.replace(base, latency_ms_median=statistics.median(latency[batch][0]),
+                                         batch_size=batch)
+            after = dataclasses.replace(m, latency_ms_median=median, batch_size=batch)
+            speedup = compare(before, after).row("latency_ms").speedup_x
+            row.update({f"speedup_b{batch}": speedup, f"efficiency_b{batch}": speedup / row["macs_ratio"]})
+        if i and abs(row["macs_reduction"] - row["budget"]) > 0.01:
+            row["notes"] = (row.get("notes") or "") + f"MACs reduction {row['macs_reduction']:.3f} misses the budget; "
+    del copies, model
+    gc.collect()
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def summarize(rows: list[dict]) -> str:
+    """The table of the issue: model, budget, tool, round_to, kept fractions, speedups, efficiencies."""
+    env = rows[0]
+    lines = [f"torch {env['torch']}, timm {env['timm']}, torch-pruning {env['torch_pruning']}, {env['cpu']}, "
+             f"{env['threads']} threads, {env['date']}; load average {env['load_run_start']} at start, "
+             f"{env['load_run_end']} at end (waited {env['waited_s']} s)",
+             "speedup = latency before / after (median); eff = speedup / (MACs before / MACs after); "
+             "targets: eff >= 0.8 at batch 1, >= 0.9 at batch 16",
+             "",
+             f"{'model':<23}{'budget':>6} {'tool':<14}{'round':>5}{'MACs kept':>10}{'params kept':>12}"
+             f"{'ms b1':>9}{'ms b16':>9}{'speedup b1':>11}{'speedup b16':>12}{'eff b1':>8}{'eff b16':>8}  notes"]
+    hits = {b: [0, 0] for b in BATCHES}
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['model']:<23}{_num(r['budget']):>6.2f} {r['tool']:<14}{r['round_to']:>5}  "
+                         f"failed: {r['error'][:90]}")
+            continue
+        cells = []
+        for b in BATCHES:
+            eff = _num(r[f"efficiency_b{b}"])
+            if r["tool"] != "baseline":
+                hits[b][0] += eff >= TARGET_EFFICIENCY[b]
+                hits[b][1] += 1
+            cells.append(f"{eff:.2f}" + ("" if r["tool"] == "baseline" or eff >= TARGET_EFFICIENCY[b] else "*"))
+        lines.append(f"{r['model']:<23}{_num(r['budget']):>6.2f} {r['tool']:<14}{r['round_to']:>5}"
+                     f"{_num(r['macs_kept']):>10.3f}{_num(r['params_kept']):>12.3f}"
+                     f"{_num(r['latency_ms_b1']):>9.1f}{_num(r['latency_ms_b16']):>9.1f}"
+                     f"{_num(r['speedup_b1']):>11.2f}{_num(r['speedup_b16']):>12.2f}{cells[0]:>8}{cells[1]:>8}"
+                     f"  {r.get('notes', '')}".rstrip())
+    lines += ["", "* below the target. Pruned rows meeting the target: "
+              + ", ".join(f"batch {b}: {h}/{n}" for b, (h, n) in hits.items())]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """MACs ratio (x) against measured speedup (y), batch 1 and batch 16, with y = x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r["tool"] != "baseline"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    colors = dict(zip(models, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
+    markers = {("graphprune", "1"): "o", ("graphprune", "8"): "s", ("torch_pruning", "1"): "^",
+               ("torch_pruning", "8"): "v"}
+    top = max([_num(r["macs_ratio"]) for r in ok] + [_num(r[f"speedup_b{b}"]) for r in ok for b in BATCHES] + [1.5])
+    top = math.ceil(top * 10 + 1) / 10
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
+    for ax, batch in zip(axes, BATCHES):
+        line = [1.0, top]
+        ax.plot(line, line, "k-", lw=1, label="speedup = MACs ratio")
+        ax.plot(line, [TARGET_EFFICIENCY[batch] * v for v in line], "k:", lw=1,
+                label=f"{TARGET_EFFICIENCY[batch]} x MACs ratio (target)")
+        for r in ok:
+            tool = r["tool"].replace("torch_pruning", "Torch-Pruning")
+            ax.plot(_num(r["macs_ratio"]), _num(r[f"speedup_b{batch}"]), markers.get((r["tool"], r["round_to"]), "x"),
+                    color=colors[r["model"]], mfc="none" if r["tool"] == "torch_pruning" else colors[r["model"]],
+                    ms=8, mew=1.5, ls="none")
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("MACs ratio (MACs before / after)")
+        ax.set_xlim(1.0, top)
+        ax.set_ylim(0.5, top)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("latency speedup (median before / after)")
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="none", label=m) for m in models]
+    handles += [plt.Line2D([], [], color="gray", marker=mk, ls="none", mfc="none" if t == "torch_pruning" else "gray",
+                           label=f"{'graphprune' if t == 'graphprune' else 'Torch-Pruning'} round_to={r}")
+                for (t, r), mk in markers.items()]
+    handles += axes[1].get_legend_handles_labels()[0]
+    axes[1].legend(handles=handles, fontsize=7, loc="upper left")
+    env = rows[0]
+    fig.suptitle(f"CPU speedup vs MACs ratio: torch {env['torch']}, {env['cpu']}, {env['threads']} threads, "
+                 f"load {env['load_run_start']}->{env['load_run_end']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="resnet50 + vit_small at 30%%, fewer repeats, -> results/speed_quick.csv")
+    parser.add_argument("--models", nargs="+", help="timm model names")
+    parser.add_argument("--budgets", nargs="+", type=float, help="MACs reductions, e.g. 0.3 0.5")
+    parser.add_argument("--tools", nargs="+", choices=Config.tools)
+    parser.add_argument("--round-to", nargs="+", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--max-wait", type=float, help="seconds to wait for the load to drop (default 600)")
+    parser.add_argument("--out", type=Path, help="CSV (default results/speed.csv, or speed_quick.csv)")
+    parser.add_argument("--replot", action="store_true", help="only redraw summary and plot from --out")
+    args = parser.parse_args(argv)
+
+    cfg = QUICK if args.quick else Config()
+    overrides = {"models": args.models and tuple(args.models), "budgets": args.budgets and tuple(args.budgets),
+                 "tools": args.tools and tuple(args.tools), "round_to": args.round_to and tuple(args.round_to),
+                 "rounds": args.rounds, "max_wait_s": args.max_wait}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    out = args.out or RESULTS / ("speed_quick.csv" if args.quick else "speed.csv")
+    if not args.replot:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+        load_start = load1()
+        print(f"load average {load_start} at start; config {cfg}", flush=True)
+        waited = wait_for_quiet(cfg)
+        common = {**environment_columns(), "seed": cfg.seed, "rounds": cfg.rounds, "repeats_b1": cfg.repeats_b1,
+                  "repeats_b16": cfg.repeats_b16, "threads": torch.get_num_threads(), "load_run_start": load_start,
+                  "waited_s": waited}
+        rows: list[dict] = []
+        for name in cfg.models:
+            rows += run_model(name, cfg, common)
+            write_csv(out, rows)  # a partial CSV survives a crash in a later model
+        for row in rows:
+            row["load_run_end"] = load1()
+        write_csv(out, rows)
+    rows = read_csv(out)
+    summary = summarize(rows)
+    print(summary)
+    out.with_name(out.stem + "_summary.txt").write_text(summary + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_name(out.stem + '_summary.txt')}")
+
+
+if __name__ == "__main__":
+    main()
