@@ -11,10 +11,10 @@ are made from the same seeded random weights:
   ``_common.tp_pruner``. ``p`` is searched so that the measured MACs reduction matches the
   budget: bracketed bisection with linear interpolation on ``p`` in [0, 0.95], starting at
   ``1 - sqrt(1 - budget)`` (MACs of a layer scale with cin * cout), each step pruning a fresh
-  copy and counting its MACs with ``torch.utils.flop_counter.FlopCounterMode`` (same op
-  classes as fvcore's count, much cheaper); it stops within ``--tp-tolerance`` of the budget
-  or after ``--tp-steps`` steps, keeps the closest, and that copy's MACs are then counted
-  with ``graphprune.measurement`` (fvcore) like every other row.
+  copy and counting its MACs with ``graphprune.measurement.count_macs`` (fvcore, the same
+  count as every other row); it stops within ``Config.tp_tolerance`` (0.5 point) of the
+  budget, when the bracket is narrower than 0.001, or after ``Config.tp_steps`` steps, and
+  keeps the closest copy.
 
 Then every copy of one model (the unpruned baseline included) is timed with
 ``graphprune.measurement.measure_latency`` (inference mode, eval, GC paused,
@@ -115,16 +115,6 @@ def prune_graphprune(model, x, budget: float, round_to: int, row: dict):
                     ignore=gp.classifier_names(model))
 
 
-def _flop_counter_macs(model, x) -> int:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() // 2  # it counts 2 flops per MAC
-
-
 def _tp_prune_copy(model, x, ratio: float, round_to: int):
     import graphprune as gp
     import torch_pruning as tp
@@ -148,18 +138,20 @@ def _tp_prune_copy(model, x, ratio: float, round_to: int):
 
 def prune_torch_pruning(model, x, budget: float, round_to: int, row: dict, cfg: Config):
     """Search Torch-Pruning's channel ratio until the MACs reduction matches ``budget``."""
-    base = _flop_counter_macs(model, x)
+    from graphprune.measurement import count_macs
+
+    base = count_macs(model, x)
     lo, hi = (0.0, 0.0), (0.95, None)  # (ratio, measured reduction)
     ratio = 1.0 - math.sqrt(1.0 - budget)
     best = None  # (|error|, ratio, reduction, model)
     for step in range(1, cfg.tp_steps + 1):
         pruned = _tp_prune_copy(model, x, ratio, round_to)
-        reduction = 1.0 - _flop_counter_macs(pruned, x) / base
+        reduction = 1.0 - count_macs(pruned, x) / base
         if best is None or abs(reduction - budget) < best[0]:
             best = (abs(reduction - budget), ratio, reduction, pruned)
         del pruned
         row["tp_steps"] = step
-        if best[0] <= cfg.tp_tolerance:
+        if best[0] <= cfg.tp_tolerance or hi[0] - lo[0] < 1e-3:  # close enough, or no width left to move
             break
         if reduction < budget:
             lo = (ratio, reduction)

@@ -114,6 +114,17 @@ class ElementStore:
             self._pairs_a.append(np.full(ids.size - 1, ids[0]))
             self._pairs_b.append(ids[1:])
 
+    def union_rows(self, rows: np.ndarray) -> None:
+        """Couple all elements within each row of a 2-d array (slots, ``-1``, are skipped)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 2 or rows.shape[1] < 2:
+            return
+        first = np.where(rows >= 0, rows, np.int64(-1)).max(axis=1, keepdims=True)
+        first = np.broadcast_to(first, rows.shape)
+        keep = (rows >= 0) & (first >= 0)
+        self._pairs_a.append(first[keep])
+        self._pairs_b.append(rows[keep])
+
     def freeze(self, ids: np.ndarray) -> None:
         """Mark elements as never removable."""
         if ids is None:

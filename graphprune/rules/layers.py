@@ -43,18 +43,15 @@ def _conv(ctx: Context, call: Call) -> list[TensorInfo]:
             w_out = np.full(c_out, -1, dtype=np.int64)
         if groups >= c_in_g:  # whole groups are the unit
             ctx.store.freeze(w_in)
-            for k in range(groups):
-                ctx.store.union_all(np.concatenate([x_dim[k * c_in_g:(k + 1) * c_in_g],
-                                                    w_out[k * c_out_g:(k + 1) * c_out_g]]))
-                if (x_dim[k * c_in_g:(k + 1) * c_in_g] == -1).any():
-                    ctx.store.freeze(w_out[k * c_out_g:(k + 1) * c_out_g])
+            rows = np.concatenate([x_dim.reshape(groups, c_in_g), w_out.reshape(groups, c_out_g)], axis=1)
+            ctx.store.union_rows(rows)
+            pinned = (x_dim.reshape(groups, c_in_g) == -1).any(axis=1)
+            ctx.store.freeze(w_out.reshape(groups, c_out_g)[pinned])
         else:  # local index j of every group is the unit
             x_local = x_dim.reshape(groups, c_in_g)
             for k in range(groups):
                 _couple(ctx, w_in, x_local[k], c_in_g)
-            out_local = w_out.reshape(groups, c_out_g)
-            for k in range(1, groups):
-                ctx.store.union(out_local[0], out_local[k])
+            ctx.store.union_rows(w_out.reshape(groups, c_out_g).T)
         out = w_out if (w_out >= 0).any() else None
     if bias is not None:
         out = _couple(ctx, out, ctx.info(bias).dims[0], c_out)
