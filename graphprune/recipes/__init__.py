@@ -1,0 +1,36 @@
+"""Transfer-learning recipes around the pruning engine: config in, model + metrics (JSON/CSV) out.
+
+* :func:`s_to_t`, :func:`s_tp_t`, :func:`sp_t`: fine-tune; fine-tune, prune, fine-tune; prune,
+  fine-tune (:mod:`.pipelines`).
+* :func:`transtailor`: TransTailor's iterative target-aware pruning with importance-aware
+  fine-tuning (:mod:`.transtailor`).
+* Data the timm way (:mod:`.data`), the training loop (:mod:`.finetune`), stage checkpoints and
+  resume (:mod:`.checkpoint`), ``torchrun`` support (:mod:`.distributed`).
+
+Example:
+    >>> import graphprune.recipes as recipes
+    >>> config = recipes.TransferConfig(prune=recipes.PruneConfig(scorer="l1", flops_reduction=0.3))
+    >>> config.prune.plan_config().scope
+    'local'
+"""
+
+# The data-driven scorers register themselves on import; the recipes name them in configs.
+from ..scoring import classmean as _classmean, target_taylor as _target_taylor, taylor as _taylor  # noqa: F401
+from .checkpoint import StageStore, atomic_write_text
+from .config import FinetuneConfig, PruneConfig, RunConfig, TransferConfig, TransTailorConfig
+from .data import TransferData, check_splits, data_config, eval_loader, image_folder_data
+from .distributed import DistContext, context
+from .finetune import evaluate, features_and_logits, finetune_
+from .pipelines import check_data, s_to_t, s_tp_t, sp_t
+from .records import RecipeResult, StageRecord, records_csv
+from .importance import applied_factors, fold_factors_, importance_factors
+from .stages import prune_stage_
+from .transtailor import transtailor
+
+__all__ = [
+    "DistContext", "FinetuneConfig", "PruneConfig", "RecipeResult", "RunConfig", "StageRecord", "StageStore",
+    "TransTailorConfig", "TransferConfig", "TransferData", "atomic_write_text", "check_data", "check_splits",
+    "context", "data_config", "eval_loader", "evaluate", "features_and_logits", "finetune_", "image_folder_data",
+    "prune_stage_", "records_csv", "s_tp_t", "s_to_t", "sp_t", "transtailor",
+    "applied_factors", "fold_factors_", "importance_factors",
+]

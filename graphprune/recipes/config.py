@@ -1,0 +1,244 @@
+"""Recipe configurations: frozen dataclasses, validated on construction, JSON out via ``to_dict``.
+
+A recipe is data: one of these configs in, a metrics record (and checkpoints) out. Every
+check that can fail runs when the config is built, so a bad value raises
+:class:`graphprune.InvalidArgumentError` before any data is read or any weight trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import InvalidArgumentError
+from ..plan import PlanConfig
+from ..scoring import get_scorer
+
+FINETUNE_MODES = ("full", "linear")
+OPTIMIZERS = ("sgd", "adamw")
+# Options the recipe supplies itself; a config may not set them.
+_RECIPE_OWNED_OPTIONS = frozenset({"data", "progress", "class_means", "reference"})
+
+
+def _number(name: str, value: object, *, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise InvalidArgumentError(f"{name} must be a number in {left}{low}, {high}{right}, got {value!r}")
+    return float(value)
+
+
+def _optional_positive_int(name: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InvalidArgumentError(f"{name} must be a positive int or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning stage.
+
+    Attributes:
+        epochs: passes over the training data; fractional values train that share of one pass
+            (the schedule is counted in optimizer steps, ``round(epochs * batches_per_epoch)``).
+            0 skips training (the stage only evaluates).
+        mode: ``"full"`` trains every weight; ``"linear"`` trains only the classifier and keeps
+            the backbone in eval mode, so its BatchNorm statistics stay those of the source.
+        optimizer: ``"adamw"`` (forgiving with few steps, the default) or ``"sgd"`` (momentum 0.9,
+            the classic fine-tuning choice for long schedules).
+        lr: peak learning rate; it decays to 0 on a cosine over the stage's steps.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        max_batches_per_epoch: cap on batches per epoch (small smoke runs); ``None``: all.
+    """
+
+    epochs: float = 1.0
+    mode: str = "full"
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_batches_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        _number("FinetuneConfig.epochs", self.epochs, low=0.0)
+        if self.mode not in FINETUNE_MODES:
+            raise InvalidArgumentError(f"FinetuneConfig.mode must be one of {FINETUNE_MODES}, got {self.mode!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidArgumentError(f"FinetuneConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _number("FinetuneConfig.lr", self.lr, low=0.0, low_open=True)
+        _number("FinetuneConfig.weight_decay", self.weight_decay, low=0.0)
+        _optional_positive_int("FinetuneConfig.max_batches_per_epoch", self.max_batches_per_epoch)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One pruning stage: what to score with and how much to remove.
+
+    Attributes:
+        scorer: a registered scorer name. Data-driven scorers (``taylor``, ``target_taylor``,
+            ``classmean``) get the training loader as ``data=`` from the recipe.
+        scorer_options: extra JSON-valued keyword arguments for the scorer (e.g.
+            ``{"epochs": 1}`` for ``target_taylor``); ``data`` and ``progress`` are the recipe's.
+        ratio: fraction of channels to remove; give exactly one of ``ratio`` and ``flops_reduction``.
+        flops_reduction: fraction of MACs to remove, verified with fvcore (the usual budget).
+        scope: ``"local"`` (same fraction per group) or ``"global"`` (one ranking; pair it with a
+            scorer whose scores are comparable across layers, such as ``target_taylor``).
+        max_group_ratio: cap per group for a global ranking, so no layer is stripped bare.
+        scoring_batches: batches the data-driven scorers read per pass (``None``: all).
+        classifier_reuse: keep the full fine-tuned model's classifier frozen while the pruned
+            model is fine-tuned (the penultimate features are never pruned, so it still fits).
+        alignment_weight: lambda of the class-mean alignment loss ``1 - cos(f_i, c_{y_i})`` added
+            while the pruned model is fine-tuned; ``c_k`` are the full fine-tuned model's class
+            means. 0 disables it.
+        scale_epochs: multiply the next fine-tuning stage's epochs by ``1 / (1 - reduction)``
+            with the measured FLOPs reduction, so the pruned model gets about the same compute.
+    """
+
+    scorer: str = "l1"
+    scorer_options: Mapping[str, Any] = field(default_factory=dict)
+    ratio: float | None = None
+    flops_reduction: float | None = 0.3
+    scope: str = "local"
+    max_group_ratio: float | None = None
+    scoring_batches: int | None = None
+    classifier_reuse: bool = False
+    alignment_weight: float = 0.0
+    scale_epochs: bool = False
+
+    def __post_init__(self) -> None:
+        get_scorer(self.scorer)  # unknown names raise with the list of known ones
+        if not isinstance(self.scorer_options, Mapping) or not all(isinstance(k, str) for k in self.scorer_options):
+            raise InvalidArgumentError(f"PruneConfig.scorer_options must be a dict, got {self.scorer_options!r}")
+        owned = sorted(set(self.scorer_options) & _RECIPE_OWNED_OPTIONS)
+        if owned:
+            raise InvalidArgumentError(f"PruneConfig.scorer_options may not set {owned}: the recipe supplies them")
+        if (self.ratio is None) == (self.flops_reduction is None):
+            raise InvalidArgumentError("PruneConfig needs exactly one of ratio= and flops_reduction=")
+        if self.ratio is not None:
+            _number("PruneConfig.ratio", self.ratio, low=0.0, high=1.0, high_open=True)
+        else:
+            _number("PruneConfig.flops_reduction", self.flops_reduction, low=0.0, high=1.0, low_open=True,
+                    high_open=True)
+        self.plan_config()  # checks scope and max_group_ratio
+        _optional_positive_int("PruneConfig.scoring_batches", self.scoring_batches)
+        _number("PruneConfig.alignment_weight", self.alignment_weight, low=0.0)
+
+    def plan_config(self) -> PlanConfig:
+        """The engine's selection options for this stage.
+
+        Example:
+            >>> PruneConfig(scope="global").plan_config().scope
+            'global'
+        """
+        return PlanConfig(scope=self.scope, max_group_ratio=self.max_group_ratio)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a recipe writes, and how it reports.
+
+    Attributes:
+        checkpoint_dir: a directory for one checkpoint per finished stage plus ``metrics.json``
+            and ``metrics.csv``; a rerun with the same directory resumes after the last finished
+            stage. ``None`` writes nothing.
+        seed: seeds torch before anything random (new classifier, data order, random scorer).
+        progress: show tqdm bars (rank 0 only under DDP).
+    """
+
+    checkpoint_dir: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InvalidArgumentError(f"RunConfig.seed must be an int, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """S->T, S->TP->T and SP->T in one shape: which stages run is decided by the recipe.
+
+    Attributes:
+        source: the first fine-tuning stage (S->T, and the "S->T" part of S->TP->T).
+        prune: the pruning stage (S->TP->T, SP->T).
+        target: the fine-tuning stage after pruning; ``epochs=0`` in SP->T is zero-shot pruning.
+        run: checkpoints, seed, progress.
+    """
+
+    source: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    target: FinetuneConfig = field(default_factory=FinetuneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict.
+
+        Example:
+            >>> TransferConfig().to_dict()["prune"]["flops_reduction"]
+            0.3
+        """
+        return _json_ready(asdict(self))
+
+
+@dataclass(frozen=True)
+class TransTailorConfig:
+    """TransTailor's iterative search (Liu et al., AAAI 2021), as this package runs it.
+
+    Attributes:
+        source: fine-tuning of the full model before the search.
+        step_flops_reduction: z, the share of the *current* model's MACs removed per step.
+        max_steps: stop after this many steps even if accuracy holds.
+        tau: stop once validation accuracy falls more than ``tau`` (a fraction, e.g. 0.02)
+            below the best seen so far; the best sub-model is returned.
+        alpha_epochs: passes of target-aware alpha training inside ``target_taylor``.
+        alpha_lr: Adam learning rate of the alphas.
+        scoring_batches: batches ``target_taylor`` reads per pass (``None``: all).
+        scope: ranking of the importance; ``"global"`` is the paper's choice and suits
+            ``target_taylor``'s loss-unit scores.
+        max_group_ratio: cap per group and step for the global ranking.
+        finetune: the importance-aware fine-tuning after every step.
+        run: checkpoints, seed, progress.
+    """
+
+    source: FinetuneConfig = field(default_factory=FinetuneConfig)
+    step_flops_reduction: float = 0.1
+    max_steps: int = 5
+    tau: float = 0.02
+    alpha_epochs: int = 1
+    alpha_lr: float = 0.01
+    scoring_batches: int | None = None
+    scope: str = "global"
+    max_group_ratio: float | None = 0.5
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _number("TransTailorConfig.step_flops_reduction", self.step_flops_reduction, low=0.0, high=1.0,
+                low_open=True, high_open=True)
+        _optional_positive_int("TransTailorConfig.max_steps", self.max_steps)
+        _number("TransTailorConfig.tau", self.tau, low=0.0)
+        if isinstance(self.alpha_epochs, bool) or not isinstance(self.alpha_epochs, int) or self.alpha_epochs < 0:
+            raise InvalidArgumentError(f"TransTailorConfig.alpha_epochs must be an int >= 0, got {self.alpha_epochs!r}")
+        _number("TransTailorConfig.alpha_lr", self.alpha_lr, low=0.0, low_open=True)
+        _optional_positive_int("TransTailorConfig.scoring_batches", self.scoring_batches)
+        PlanConfig(scope=self.scope, normalize="none", max_group_ratio=self.max_group_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict.
+
+        Example:
+            >>> TransTailorConfig(tau=0.05).to_dict()["tau"]
+            0.05
+        """
+        return _json_ready(asdict(self))
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value

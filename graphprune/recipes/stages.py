@@ -1,0 +1,118 @@
+"""The pruning stage of a recipe, and the class means the alignment loss needs.
+
+Pruning decisions are made once, on rank 0, and shipped as the plan JSON the engine already
+records on the model (``model.graphprune_plans``); the other ranks apply that plan to their
+identical copies. The classifier (``classifier_names``) is always ignored: it keeps every
+input column, so the penultimate features keep their width, the full model's classifier can
+be reused as is, and its class means live in the same space as the pruned model's features.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..api import HISTORY_ATTR, prune_, record_plan
+from ..groups import classifier_names
+from ..plan import Plan
+from ..removal import apply_plan_
+from ..scoring.classmean import class_means
+from .config import PruneConfig
+from .data import TransferData
+from .distributed import DistContext, on_main
+from .finetune import measure_record
+from .records import StageRecord
+
+# Scorers that read target data: the recipe passes them the training loader.
+DATA_SCORERS = frozenset({"taylor", "target_taylor", "classmean"})
+# Scorers with a seed option: the recipe passes the run's seed unless the config sets one.
+SEEDED_SCORERS = frozenset({"random"})
+
+
+def scorer_options(config: PruneConfig, data: Iterable, *, seed: int, progress: bool) -> dict:
+    """The keyword arguments the recipe gives ``config.scorer``: the config's own plus data / seed.
+
+    Example:
+        >>> scorer_options(PruneConfig(scorer="random"), [], seed=3, progress=False)
+        {'seed': 3}
+    """
+    options = dict(config.scorer_options)
+    if config.scorer in DATA_SCORERS:
+        options.update(data=data, progress=progress)
+        if config.scoring_batches is not None:
+            options.setdefault("max_batches", config.scoring_batches)
+    if config.scorer in SEEDED_SCORERS:
+        options.setdefault("seed", seed)
+    return options
+
+
+def _prune_on_main(model: nn.Module, data: TransferData, config: PruneConfig, seed: int, progress: bool) -> str:
+    example = data.example_inputs()
+    target = {"ratio": config.ratio} if config.ratio is not None else {"flops_reduction": config.flops_reduction}
+    prune_(model, example, **target, scorer=config.scorer,
+           scorer_options=scorer_options(config, data.train, seed=seed, progress=progress),
+           ignore=classifier_names(model), config=config.plan_config())
+    return getattr(model, HISTORY_ATTR)[-1]
+
+
+def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, name: str = "prune",
+                 ctx: DistContext = DistContext(), seed: int = 0, progress: bool = True) -> StageRecord:
+    """Prune ``model`` in place (identically on every rank) and measure it.
+
+    Args:
+        model: the model to prune.
+        data: the target task; data-driven scorers read ``data.train``.
+        config: scorer, budget, scope.
+        name: the stage name in the record.
+        ctx: the data-parallel context.
+        seed: seed of seeded scorers.
+        progress: show the scorers' progress bars (rank 0).
+
+    Returns:
+        The stage's record; ``details`` holds the scorer and the measured FLOPs reduction.
+
+    Example:
+        >>> import timm, torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])), batch_size=4)
+        >>> data = TransferData(loader, loader, ("a", "b"))
+        >>> model = timm.create_model("resnet18", pretrained=False, num_classes=2)
+        >>> record = prune_stage_(model, data, PruneConfig(flops_reduction=None, ratio=0.5), progress=False)
+        >>> record.details["flops_reduction"] > 0.5
+        True
+    """
+    from ..measurement import count_macs
+
+    start = time.perf_counter()
+    example = data.example_inputs()
+    before = count_macs(model, example)
+    plan_json = on_main(ctx, lambda: _prune_on_main(model, data, config, seed, progress and ctx.is_main))
+    if not ctx.is_main:
+        plan = Plan.from_json(plan_json)
+        apply_plan_(model, plan)
+        record_plan(model, plan)
+    seconds = time.perf_counter() - start
+    record = measure_record(model, data, name, "prune", seconds, ctx=ctx)
+    details = {"scorer": config.scorer, "scope": config.scope, "ratio": config.ratio,
+               "target_flops_reduction": config.flops_reduction,
+               "flops_reduction": 1.0 - record.macs / before if before else 0.0}
+    return StageRecord(**{**record.__dict__, "details": details})
+
+
+def full_model_class_means(model: nn.Module, data: TransferData, *, ctx: DistContext = DistContext(),
+                           progress: bool = True) -> torch.Tensor:
+    """Class means ``c_k`` of the penultimate features of ``model`` on the training data (same on every rank).
+
+    Example:
+        >>> import timm, torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])), batch_size=4)
+        >>> model = timm.create_model("resnet18", pretrained=False, num_classes=2)
+        >>> full_model_class_means(model, TransferData(loader, loader, ("a", "b")), progress=False).shape
+        torch.Size([2, 512])
+    """
+    return on_main(ctx, lambda: class_means(model, data.train, data.num_classes,
+                                            progress=progress and ctx.is_main))

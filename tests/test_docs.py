@@ -1,0 +1,223 @@
+"""The documentation: its examples run, its site builds strictly, its links resolve, its numbers come from CSVs.
+
+* Every ```python block of a page under ``docs/`` runs, in page order, in one fresh
+  namespace per page (a later block sees the names an earlier one defined). A block is
+  skipped only when an HTML comment ``<!-- skip: why -->`` sits on the line before it; that
+  is for code that cannot run offline (``pretrained=True`` downloads), with the offline
+  variant shown next to it.
+* ``mkdocs build --strict`` passes, and every relative link and anchor of the built site
+  resolves. Skipped when MkDocs is not installed (``pip install -e '.[docs]'``), except
+  under ``CI=true``, where that is a failure.
+* The benchmark page's tables are rendered from ``benchmarks/results/*.csv`` by
+  ``docs/gen_benchmarks.py``; their summary agrees with ``coverage_summary.txt``, which
+  ``benchmarks/coverage.py`` wrote from the same rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import html.parser
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+import graphprune as gp
+from graphprune import rules
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md"))
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
+                    re.MULTILINE | re.DOTALL)
+_SKIP = re.compile(r"<!--\s*skip\b[^>]*-->\s*$")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def python_blocks(text: str) -> list[tuple[int, str, bool]]:
+    """``(line number, code, skipped)`` of every ```python block of a markdown page."""
+    blocks = []
+    for match in _FENCE.finditer(text):
+        if match.group("lang") not in ("python", "py"):
+            continue
+        line = text.count("\n", 0, match.start()) + 1
+        before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        indent = match.group("indent")
+        code = "\n".join(l[len(indent):] for l in match.group("body").splitlines())
+        blocks.append((line, code, bool(_SKIP.search(before))))
+    return blocks
+
+
+def test_python_blocks_are_found():
+    text = "a\n```python\nx = 1\n```\n<!-- skip: downloads -->\n```python\ny = 2\n```\n```text\nz\n```\n"
+    assert python_blocks(text) == [(2, "x = 1", False), (6, "y = 2", True)]
+
+
+@pytest.fixture
+def registries_restored():
+    """Pages register scorers and rules; put both registries back afterwards."""
+    scorers, coupling = dict(gp.SCORERS), dict(rules.RULES)
+    yield
+    gp.SCORERS.clear()
+    gp.SCORERS.update(scorers)
+    rules.RULES.clear()
+    rules.RULES.update(coupling)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks((DOCS / p).read_text(encoding="utf-8"))])
+def test_page_examples_run(page, tmp_path, monkeypatch, registries_restored):
+    monkeypatch.chdir(tmp_path)  # pages write files (saved models) into the working directory
+    namespace = {"__name__": f"docs_{Path(page).stem.replace('-', '_')}"}
+    for line, code, skipped in python_blocks((DOCS / page).read_text(encoding="utf-8")):
+        if skipped:
+            continue
+        try:
+            exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
+        except Exception as error:
+            raise AssertionError(f"docs/{page}, the python block at line {line} failed: "
+                                 f"{type(error).__name__}: {error}") from error
+
+
+def test_skipped_blocks_are_rare():
+    for page in PAGES:
+        blocks = python_blocks((DOCS / page).read_text(encoding="utf-8"))
+        skipped = [line for line, _, skip in blocks if skip]
+        assert len(skipped) <= 1, f"docs/{page} skips the blocks at lines {skipped}; show offline variants instead"
+
+
+# ----------------------------------------------------------------------------- benchmarks page
+
+
+def _gen_benchmarks():
+    spec = importlib.util.spec_from_file_location("gen_benchmarks", DOCS / "gen_benchmarks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_summary_matches_the_committed_summary():
+    gen = _gen_benchmarks()
+    stats = gen.summary(gen.read_rows())
+    text = (ROOT / "benchmarks" / "results" / "coverage_summary.txt").read_text(encoding="utf-8")
+    first = re.match(r"(\d+) models; both tools ok on (\d+)", text)
+    assert (int(first.group(1)), int(first.group(2))) == (stats["graphprune"]["models"],
+                                                         stats["graphprune"]["both_ok"])
+    for tool, s in stats.items():
+        row = re.search(rf"^{tool}\s+(\d+)/(\d+)\s+(\d+)/(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$",
+                        text, re.MULTILINE)
+        assert row, f"no {tool} row in coverage_summary.txt"
+        assert [int(v) for v in row.groups()[:4]] == [s["ok"], s["models"], s["exact"], s["judged"]]
+        assert row.group(5) == f"{s['graph_s']:.2f}" and row.group(6) == f"{s['prune_s']:.2f}"
+        assert row.group(7) == f"{s['total_s']:.2f}" and row.group(8) == f"{s['total_s_both']:.2f}"
+        assert row.group(9) == f"{s['macs_kept']:.3f}"
+
+
+def test_benchmark_model_table_cells_are_csv_cells():
+    gen = _gen_benchmarks()
+    rows = gen.read_rows()
+    page = gen.render((DOCS / "benchmarks.md").read_text(encoding="utf-8"), rows)
+    assert "<!-- gen:" not in page
+    by_key = {(r["model"], r["tool"]): r for r in rows}
+    table = [line for line in page.splitlines() if line.startswith("| `") and line.count("|") == 10]
+    assert len(table) == len({r["model"] for r in rows})
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        model = cells[0].strip("`")
+        for tool, (status, exact, kept, total) in zip(gen.TOOLS, (cells[1:5], cells[5:9])):
+            row = by_key[(model, tool)]
+            assert (status, exact, total) == (row["status"], row["exact"] or "–", row["total_s"])
+            if kept:
+                assert abs(float(kept) - int(row["macs_after"]) / int(row["macs_before"])) < 5e-4
+
+
+def test_benchmark_page_quotes_no_number_by_hand():
+    """Outside code, every digit on the page must come from a gen: marker (a CSV)."""
+    text = (DOCS / "benchmarks.md").read_text(encoding="utf-8")
+    prose = _FENCE.sub("", text)
+    prose = re.sub(r"`[^`]*`", "", prose)        # inline code: file names, flags
+    prose = re.sub(r"\]\([^)]*\)", "]", prose)    # link targets
+    assert re.findall(r"\d", prose) == [], "a number on the benchmarks page is not generated from a CSV"
+
+
+# ----------------------------------------------------------------------------- site build and links
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        values = dict(attrs)
+        if values.get("id"):
+            self.ids.add(values["id"])
+        if tag == "a" and values.get("name"):
+            self.ids.add(values["name"])
+        for key in ("href", "src"):
+            if values.get(key):
+                self.targets.append(values[key])
+
+
+def _parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which("mkdocs")
+    if mkdocs is None or importlib.util.find_spec("mkdocstrings") is None:
+        reason = "MkDocs (with mkdocs-material and mkdocstrings) is not installed: pip install -e '.[docs]'"
+        if _in_ci():
+            pytest.fail(f"{reason} (CI=true, so the docs must build)")
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("site")
+    done = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, timeout=600)
+    assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stderr[-4000:]}"
+    return out
+
+
+def test_site_builds_strict(site):
+    assert (site / "index.html").is_file()
+    assert (site / "reference" / "api" / "index.html").is_file()
+
+
+def test_site_internal_links_resolve(site):
+    parsed: dict[Path, _Links] = {}
+
+    def page(path: Path) -> _Links:
+        if path not in parsed:
+            parsed[path] = _parse(path)
+        return parsed[path]
+
+    broken = []
+    for source in sorted(site.rglob("*.html")):
+        for target in page(source).targets:
+            parts = urlsplit(target)
+            if parts.scheme or target.startswith("//") or target.startswith(("mailto:", "javascript:")):
+                continue
+            if not parts.path:
+                resolved = source
+            else:  # 404.html links from the site root, since it is served at any path
+                base = site if parts.path.startswith("/") else source.parent
+                resolved = (base / unquote(parts.path).lstrip("/")).resolve()
+                if parts.path.endswith("/") or resolved.is_dir():
+                    resolved = resolved / "index.html"
+            if not resolved.exists():
+                broken.append(f"{source.relative_to(site)}: {target} (no file)")
+            elif parts.fragment and resolved.suffix == ".html" and unquote(parts.fragment) not in page(resolved).ids:
+                broken.append(f"{source.relative_to(site)}: {target} (no anchor)")
+    assert not broken, "broken links in the built site:\n" + "\n".join(broken[:50])
+

@@ -1,0 +1,297 @@
+"""Transfer recipes: config checks before training, exact beta folding, checkpoints and resume,
+DDP agreement across ranks, and S->TP->T on real pretrained EfficientNet-Lite0 + Flowers-17."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+
+import graphprune as gp
+import graphprune.recipes as R
+from graphprune.recipes import pipelines
+
+SIZE_PX = 32
+
+
+def _synthetic(n: int = 16, classes: int = 2, seed: int = 0) -> R.TransferData:
+    """A learnable toy task: class k adds a bright patch in quadrant k."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, SIZE_PX, SIZE_PX, generator=generator) * 0.1
+    labels = torch.arange(n) % classes
+    for i, label in enumerate(labels.tolist()):
+        row, col = divmod(label % 4, 2)
+        images[i, :, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] += 1.0
+    pairs = TensorDataset(images, labels)
+    return R.TransferData(DataLoader(pairs, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed)),
+                          DataLoader(TensorDataset(images, labels), batch_size=8), tuple(f"c{k}" for k in range(classes)))
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_efficientnet", pretrained=False).eval()
+
+
+def _quiet(**fields) -> R.TransferConfig:
+    fields.setdefault("run", R.RunConfig(progress=False))
+    return R.TransferConfig(**fields)
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ----------------------------------------------------------------------------- bad configs fail first
+
+
+@pytest.mark.parametrize("build", [
+    lambda: R.TransTailorConfig(tau=-0.01),
+    lambda: R.FinetuneConfig(mode="partial"),
+    lambda: R.FinetuneConfig(epochs=-1),
+    lambda: R.FinetuneConfig(lr=0.0),
+    lambda: R.PruneConfig(ratio=0.3, flops_reduction=0.3),
+    lambda: R.PruneConfig(flops_reduction=1.0),
+    lambda: R.PruneConfig(scorer="nope"),
+    lambda: R.PruneConfig(scorer="taylor", scorer_options={"data": []}),
+    lambda: R.PruneConfig(scope="everywhere"),
+], ids=["tau<0", "mode", "epochs<0", "lr=0", "two-budgets", "reduction=1", "scorer", "owned-option", "scope"])
+def test_bad_config_raises(build):
+    with pytest.raises(gp.InvalidArgumentError):
+        build()
+
+
+def _image_tree(root: Path, splits: dict[str, list[str]]) -> Path:
+    from PIL import Image
+
+    for split, classes in splits.items():
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            Image.new("RGB", (40, 40), (10, 200, 30)).save(root / split / name / "a.png")
+    return root
+
+
+def test_missing_split_and_class_mismatch_raise_before_loading(tmp_path):
+    model = _tiny()
+    only_train = _image_tree(tmp_path / "a", {"train": ["x", "y"]})
+    with pytest.raises(gp.InvalidArgumentError, match="split 'val' is missing"):
+        R.image_folder_data(only_train, model, image_size=SIZE_PX)
+    differ = _image_tree(tmp_path / "b", {"train": ["x", "y"], "val": ["x", "z"]})
+    with pytest.raises(gp.InvalidArgumentError, match="class folders differ"):
+        R.image_folder_data(differ, model, image_size=SIZE_PX)
+    good = _image_tree(tmp_path / "c", {"train": ["x", "y"], "val": ["x", "y"]})
+    data = R.image_folder_data(good, model, image_size=SIZE_PX, batch_size=2)
+    assert data.class_names == ("x", "y") and data.example_inputs().shape == (1, 3, SIZE_PX, SIZE_PX)
+
+
+def test_recipe_refuses_mismatched_classes_before_training(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipelines, "finetune_", lambda *a, **k: calls.append(k["name"]))
+    data = _synthetic()
+    data.train.dataset.classes = ["c0", "c1"]
+    data.val.dataset.classes = ["c0", "c9"]
+    with pytest.raises(gp.InvalidArgumentError, match="train and val classes differ"):
+        R.s_tp_t(_tiny(), data, _quiet())
+    with pytest.raises(gp.InvalidArgumentError, match="classifier"):
+        R.sp_t(_tiny(), _synthetic(), _quiet(prune=R.PruneConfig(classifier_reuse=True)))
+    assert calls == []
+
+
+# ----------------------------------------------------------------------------- importance factors fold exactly
+
+
+def test_folding_importance_factors_leaves_outputs_unchanged():
+    model = _tiny()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-trivial BN statistics and affine, so a wrong fold shows
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0, 0.2, generator=generator)
+    x = torch.randn(2, 3, SIZE_PX, SIZE_PX, generator=generator)
+    groups = gp.find_groups(gp.trace(model, x), ignore=gp.classifier_names(model), model=model)
+    scores = {g.id: torch.rand(g.size, generator=generator) + 0.05 for g in groups}
+    factors = R.importance_factors(groups, model, scores, x)
+    assert factors and all(f.mean() > 0 for f in factors.values())
+    plain = model(x)
+    with R.applied_factors(model, factors):
+        hooked = model(x)
+    assert not torch.allclose(hooked, plain, atol=1e-3)  # the factors do change the function
+    assert torch.equal(model(x), plain)  # hooks removed on exit
+    R.fold_factors_(model, factors)
+    torch.testing.assert_close(model(x), hooked, rtol=1e-4, atol=1e-5)
+
+
+def test_importance_factors_have_group_mean_one():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                              torch.nn.Conv2d(6, 6, 3, groups=6), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                              torch.nn.Conv2d(6, 2, 1))
+    x = torch.randn(1, 3, 8, 8)
+    groups = gp.find_groups(gp.trace(net, x))
+    scores = {g.id: torch.arange(1.0, g.size + 1) for g in groups}
+    factors = R.importance_factors(groups, net, scores, x)
+    # one factor per path: on the norm after the pointwise conv, not again after the depthwise one
+    assert list(factors) == ["1"]
+    torch.testing.assert_close(factors["1"].mean(), torch.tensor(1.0))
+
+
+# ----------------------------------------------------------------------------- recipes, checkpoints, resume
+
+
+def test_s_tp_t_records_and_checkpoints(tmp_path):
+    config = _quiet(source=R.FinetuneConfig(epochs=2, lr=3e-3),
+                    prune=R.PruneConfig(scorer="l1", flops_reduction=None, ratio=0.4, scale_epochs=True),
+                    target=R.FinetuneConfig(epochs=1, lr=1e-3),
+                    run=R.RunConfig(checkpoint_dir=str(tmp_path), progress=False))
+    source = _tiny()
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    model, result = R.s_tp_t(source, _synthetic(), config)
+    assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())  # input untouched
+    assert [s.name for s in result.stages] == ["source", "prune", "target"]
+    prune, target = result.stages[1], result.stages[2]
+    assert prune.macs == target.macs < result.stages[0].macs == result.base_macs
+    assert prune.details["flops_reduction"] == pytest.approx(result.flops_reduction)
+    assert target.steps == round(4 / (1 - prune.details["flops_reduction"]))  # 4 batches, scaled
+    assert result.val_accuracy == pytest.approx(R.evaluate(model, _synthetic().val))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert [s["name"] for s in saved["stages"]] == ["source", "prune", "target"]
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 4
+    assert _same_state(gp.io.load(tmp_path / "stages" / "target"), model)
+    assert not list(tmp_path.glob(".*"))  # no temp files left
+
+
+def test_resume_skips_finished_stages(tmp_path, monkeypatch):
+    config = _quiet(source=R.FinetuneConfig(epochs=1), prune=R.PruneConfig(flops_reduction=None, ratio=0.3),
+                    target=R.FinetuneConfig(epochs=1), run=R.RunConfig(checkpoint_dir=str(tmp_path), progress=False))
+    real = pipelines.finetune_
+    ran: list[str] = []
+
+    def crash_in_target(model, data, stage_config, **options):
+        ran.append(options["name"])
+        if options["name"] == "target":
+            raise RuntimeError("simulated crash")
+        return real(model, data, stage_config, **options)
+
+    monkeypatch.setattr(pipelines, "finetune_", crash_in_target)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        R.s_tp_t(_tiny(), _synthetic(), config)
+    assert ran == ["source", "target"]
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["prune", "source"]
+
+    def counting(model, data, stage_config, **options):
+        ran.append(options["name"])
+        return real(model, data, stage_config, **options)
+
+    monkeypatch.setattr(pipelines, "finetune_", counting)
+    monkeypatch.setattr(pipelines, "prune_stage_", lambda *a, **k: pytest.fail("prune should be resumed"))
+    ran.clear()
+    model, result = R.s_tp_t(_tiny(), _synthetic(), config)
+    assert ran == ["target"]
+    assert [s.name for s in result.stages] == ["source", "prune", "target"]
+    again, _ = R.s_tp_t(_tiny(), _synthetic(), config)  # everything finished: nothing runs
+    assert ran == ["target"] and _same_state(again, model)
+    other = _quiet(source=R.FinetuneConfig(epochs=2), run=config.run)
+    with pytest.raises(gp.InvalidArgumentError, match="another configuration"):
+        R.s_tp_t(_tiny(), _synthetic(), other)
+
+
+def test_sp_t_zero_epochs_is_zero_shot_pruning():
+    config = _quiet(prune=R.PruneConfig(scorer="random", flops_reduction=None, ratio=0.3),
+                    target=R.FinetuneConfig(epochs=0))
+    model, result = R.sp_t(_tiny(), _synthetic(), config)
+    assert [s.name for s in result.stages] == ["prune", "target"]
+    assert result.final.steps == 0 and result.flops_reduction > 0.2
+    assert result.final.val_accuracy == result.stages[0].val_accuracy
+
+
+def test_classifier_reuse_freezes_the_fine_tuned_classifier_and_alignment_runs():
+    config = _quiet(source=R.FinetuneConfig(epochs=1),
+                    prune=R.PruneConfig(flops_reduction=None, ratio=0.3, classifier_reuse=True, alignment_weight=1.0),
+                    target=R.FinetuneConfig(epochs=1))
+    data = _synthetic()
+    full, _ = R.s_to_t(_tiny(), data, _quiet(source=config.source))
+    model, result = R.s_tp_t(_tiny(), data, config)
+    head, full_head = model.get_classifier(), full.get_classifier()
+    assert torch.equal(head.weight, full_head.weight) and torch.equal(head.bias, full_head.bias)
+    assert result.final.details["alignment_weight"] == 1.0 and result.final.train_loss is not None
+
+
+def test_transtailor_search_returns_best_folded_step():
+    config = R.TransTailorConfig(source=R.FinetuneConfig(epochs=2, lr=3e-3), step_flops_reduction=0.15, max_steps=2,
+                                 tau=1.0, scoring_batches=2, finetune=R.FinetuneConfig(epochs=1, lr=1e-3),
+                                 run=R.RunConfig(progress=False))
+    data = _synthetic()
+    model, result = R.transtailor(_tiny(), data, config)
+    steps = [s for s in result.stages if s.kind == "search-step"]
+    assert [s.name for s in steps] == ["step-1", "step-2"]
+    assert steps[1].macs < steps[0].macs < result.base_macs
+    best = max(steps, key=lambda s: s.val_accuracy)
+    assert result.final.name == best.name
+    assert R.evaluate(model, data.val) == pytest.approx(best.val_accuracy)  # beta folded: no hooks needed
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    config = _quiet(source=R.FinetuneConfig(epochs=1, lr=3e-3),
+                    prune=R.PruneConfig(scorer="taylor", flops_reduction=None, ratio=0.3, scoring_batches=2),
+                    target=R.FinetuneConfig(epochs=1),
+                    run=R.RunConfig(checkpoint_dir=str(Path(out_dir) / "run"), progress=False))
+    model, result = R.s_tp_t(_tiny(), _synthetic(), config)
+    torch.save({"state": model.state_dict(), "accuracy": result.val_accuracy,
+                "plans": list(model.graphprune_plans)}, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_ranks_end_identical(tmp_path):
+    start = time.perf_counter()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["plans"] == ranks[1]["plans"] and ranks[0]["plans"]
+    assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
+    assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])
+    assert ranks[0]["accuracy"] == ranks[1]["accuracy"]
+    saved = gp.io.load(tmp_path / "run" / "stages" / "target")  # written once, by rank 0
+    assert all(torch.equal(v, ranks[0]["state"][k]) for k, v in saved.state_dict().items())
+    assert time.perf_counter() - start < 300
+
+
+# ----------------------------------------------------------------------------- real model, real data
+
+
+def test_s_tp_t_efficientnet_lite0_flowers17(shared_data, efficientnet_lite0_package):
+    """Pretrained EfficientNet-Lite0 -> Flowers-17 (17 classes, chance 5.9 %) at 96 px."""
+    from graphprune.assets import load_efficientnet_lite0
+
+    source = load_efficientnet_lite0()
+    data = R.image_folder_data(shared_data / "flowers17", source, image_size=96, batch_size=34, per_class=8,
+                               val_per_class=5, augment=False)
+    config = _quiet(source=R.FinetuneConfig(epochs=2, mode="linear", lr=1e-2),
+                    prune=R.PruneConfig(scorer="taylor", flops_reduction=0.3),
+                    target=R.FinetuneConfig(epochs=2, mode="full", lr=2e-3))
+    model, result = R.s_tp_t(source, data, config)
+    source_acc, pruned_acc = result.stages[0].val_accuracy, result.final.val_accuracy
+    assert source_acc >= 0.45, result.to_json()
+    assert pruned_acc >= 0.30, result.to_json()
+    assert result.flops_reduction == pytest.approx(0.3, abs=0.02)
