@@ -190,7 +190,8 @@ class GraphpruneRunner:
 
         start = time.perf_counter()
         graph = gp.trace(model, (x,))
-        groups = gp.find_groups(graph, ignore=gp.classifier_names(model), model=model)
+        # no ignore: the classifier's outputs are model outputs, frozen by the graph itself
+        groups = gp.find_groups(graph, model=model)
         built = time.perf_counter()
         self.groups = groups  # reused by exactness: the plan is data keyed by parameter names
         scores = gp.get_scorer("l1")(groups, model)
@@ -211,7 +212,7 @@ class GraphpruneRunner:
 
         groups = getattr(self, "groups", None)
         if groups is None:  # pruning failed after tracing or before; trace again
-            groups = gp.find_groups(gp.trace(model, (x,)), ignore=gp.classifier_names(model), model=model)
+            groups = gp.find_groups(gp.trace(model, (x,)), model=model)
         picked = pick_channels(groups, cfg.ratio, seed=cfg.seed, exact_only=True)
         row.update(exact_groups=len(picked), exact_channels=sum(len(c) for c in picked.values()))
         if not picked:

@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -48,6 +49,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,19 +100,33 @@ def load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def renice_threads(increment: int) -> int:
-    """Add ``increment`` to the niceness of every thread of this process; the resulting niceness.
+@contextlib.contextmanager
+def niceness(increment: int) -> Iterator[int]:
+    """Run with ``increment`` added to this process's niceness; yields the resulting niceness.
 
     Linux keeps a niceness per thread and ``os.nice`` changes only the caller's, so each thread
     in ``/proc/self/task`` is set; threads started later (torch's OpenMP pool) inherit it from
-    the main thread.
+    the main thread. With scheduler autogroups (``/proc/sys/kernel/sched_autogroup_enabled``)
+    a niceness only ranks threads within their session's group, so the group's nice
+    (``/proc/self/autogroup``) is set to the same value too, and restored on exit (it outlives
+    the process).
     """
+    current = os.getpriority(os.PRIO_PROCESS, 0)
     if increment == 0:
-        return os.getpriority(os.PRIO_PROCESS, 0)
-    target = os.getpriority(os.PRIO_PROCESS, 0) + increment
-    for tid in os.listdir("/proc/self/task"):
-        os.setpriority(os.PRIO_PROCESS, int(tid), target)
-    return target
+        yield current
+        return
+    target = current + increment
+    autogroup = Path("/proc/self/autogroup")
+    group_nice = autogroup.read_text().split()[-1] if autogroup.exists() else None
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), target)
+        if group_nice is not None:
+            autogroup.write_text(str(target))
+        yield target
+    finally:
+        if group_nice is not None:
+            autogroup.write_text(group_nice)
 
 
 def wait_for_quiet(cfg: Config) -> float:
@@ -394,6 +410,26 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run(cfg: Config, out: Path, nice: int) -> None:
+    """Measure every model of ``cfg`` and write ``out`` after each one."""
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    load_start = load1()
+    print(f"load average {load_start} at start; config {cfg}", flush=True)
+    waited = wait_for_quiet(cfg)
+    common = {**environment_columns(), "seed": cfg.seed, "rounds": cfg.rounds, "repeats_b1": cfg.repeats_b1,
+              "repeats_b16": cfg.repeats_b16, "threads": torch.get_num_threads(), "load_run_start": load_start,
+              "waited_s": waited, "nice": nice}
+    rows: list[dict] = []
+    for name in cfg.models:
+        rows += run_model(name, cfg, common)
+        write_csv(out, rows)  # a partial CSV survives a crash in a later model
+    for row in rows:
+        row["load_run_end"] = load1()
+    write_csv(out, rows)
+
+
 def _variant(text: str) -> tuple[str, int]:
     tool, _, round_to = text.partition(":")
     if tool not in ("graphprune", "torch_pruning") or not round_to.isdigit() or int(round_to) < 1:
@@ -423,23 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     out = args.out or RESULTS / ("speed_quick.csv" if args.quick else "speed.csv")
     if not args.replot:
-        niceness = renice_threads(cfg.nice)  # before torch starts its thread pool
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-        load_start = load1()
-        print(f"load average {load_start} at start; config {cfg}", flush=True)
-        waited = wait_for_quiet(cfg)
-        common = {**environment_columns(), "seed": cfg.seed, "rounds": cfg.rounds, "repeats_b1": cfg.repeats_b1,
-                  "repeats_b16": cfg.repeats_b16, "threads": torch.get_num_threads(), "load_run_start": load_start,
-                  "waited_s": waited, "nice": niceness}
-        rows: list[dict] = []
-        for name in cfg.models:
-            rows += run_model(name, cfg, common)
-            write_csv(out, rows)  # a partial CSV survives a crash in a later model
-        for row in rows:
-            row["load_run_end"] = load1()
-        write_csv(out, rows)
+        with niceness(cfg.nice) as nice:  # before torch starts its thread pool
+            run(cfg, out, nice)
     rows = read_csv(out)
     summary = summarize(rows)
     print(summary)

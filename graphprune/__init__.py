@@ -20,10 +20,13 @@ from .removal import apply_plan_
 from .scoring import SCORERS, get_scorer, register_scorer
 from .tracer import trace
 
+from . import measurement  # noqa: E402  (gp.measurement.measure / compare)
+from .io import load, save  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "AttrPatch", "ChannelGroup", "GraphpruneError", "Groups", "InvalidArgumentError", "Member", "ParamEdit",
     "Plan", "PlanConfig", "PruneError", "SCORERS", "TraceGraph", "UnsupportedModelError", "apply_plan_", "classifier_names",
-    "find_groups", "get_scorer", "make_plan", "prune", "prune_", "register_scorer", "removal_table", "select_channels", "trace",
+    "find_groups", "get_scorer", "load", "measurement", "save", "make_plan", "prune", "prune_", "register_scorer", "removal_table", "select_channels", "trace",
 ]

@@ -104,6 +104,7 @@ class Groups:
     all: tuple[ChannelGroup, ...]
     graph: TraceGraph
     frozen_reasons: dict[str, str]
+    ignored_classes: dict[int, str] = None  # class -> the ignore entry that froze it
 
     def __iter__(self) -> Iterator[ChannelGroup]:
         return iter(g for g in self.all if g.prunable.any())
@@ -136,12 +137,12 @@ class Groups:
         frozen = [g for g in self.all if not g.prunable.any()]
         if frozen:
             lines.append("fully frozen groups, with the first reason recorded:")
-            reasons = self.graph.store.frozen_reasons(self.graph.classes)
+            reasons = dict(self.ignored_classes or {})
+            for c, why in self.graph.store.frozen_reasons(self.graph.classes).items():
+                reasons.setdefault(c, why)
             for g in frozen:
                 why = next((reasons[int(c)] for c in g.classes if int(c) in reasons), "no parameter outside it carries it")
                 lines.append(f"  {g.describe()}: {why}")
-        for what, why in self.frozen_reasons.items():
-            lines.append(f"frozen {what}: {why}")
         return "\n".join(lines)
 
 
@@ -192,6 +193,7 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
     store, classes = graph.store, graph.classes
     frozen = graph.frozen.copy()
     reasons: dict[str, str] = {}
+    ignored_classes: dict[int, str] = {}
     names = list(graph.state_infos)
     if model is not None:
         known = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
@@ -199,10 +201,14 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
         if unknown:
             raise InvalidArgumentError(f"ignore names no module or parameter of the model: {unknown}")
     for name in names:
-        if any(name == i or name.startswith(i + ".") for i in ignore):
+        matched = next((i for i in ignore if name == i or name.startswith(i + ".")), None)
+        if matched is not None:
             for d in graph.state_infos[name].dims:
                 if d is not None:
-                    frozen[classes[d[d >= 0]]] = True
+                    hit = classes[d[d >= 0]]
+                    frozen[hit] = True
+                    for c in np.unique(hit):
+                        ignored_classes.setdefault(int(c), f"ignore={matched!r}")
             reasons[name] = "ignored"
 
     # members: every (parameter, dim) that carries elements
@@ -227,7 +233,7 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
         rows.append(np.full(valid.size, k))
         cols.append(valid)
     if not entries:
-        return Groups((), graph, reasons)
+        return Groups((), graph, reasons, ignored_classes)
     rows_a, cols_a = np.concatenate(rows), np.concatenate(cols)
     n_entries = len(entries)
     adjacency = coo_matrix((np.ones(rows_a.size, np.int8), (rows_a, n_entries + cols_a)),
@@ -256,4 +262,4 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
         for array in (prunable, width, group_classes, statistic):
             array.setflags(write=False)
         groups.append(ChannelGroup(len(groups), tuple(members), prunable, width, group_classes, statistic))
-    return Groups(tuple(groups), graph, reasons)
+    return Groups(tuple(groups), graph, reasons, ignored_classes)

@@ -218,9 +218,8 @@ def test_classifier_reuse_freezes_the_fine_tuned_classifier_and_alignment_runs()
     config = _quiet(source=R.FinetuneConfig(epochs=1),
                     prune=R.PruneConfig(flops_reduction=None, ratio=0.3, classifier_reuse=True, alignment_weight=1.0),
                     target=R.FinetuneConfig(epochs=1))
-    data = _synthetic()
-    full, _ = R.s_to_t(_tiny(), data, _quiet(source=config.source))
-    model, result = R.s_tp_t(_tiny(), data, config)
+    full, _ = R.s_to_t(_tiny(), _synthetic(), _quiet(source=config.source))  # same seed, same data order
+    model, result = R.s_tp_t(_tiny(), _synthetic(), config)
     head, full_head = model.get_classifier(), full.get_classifier()
     assert torch.equal(head.weight, full_head.weight) and torch.equal(head.bias, full_head.bias)
     assert result.final.details["alignment_weight"] == 1.0 and result.final.train_loss is not None

@@ -30,9 +30,17 @@ ZOO = [
 
 
 def randomize_statistics_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random-init BatchNorm has mean 0 / var 1 and unit affine; make every norm non-trivial."""
+    """Make every constant non-trivial: random-init BatchNorm has mean 0 / var 1 and unit affine,
+    layer scales start at 1e-5 and some classifiers at zero, which would hide errors."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for param in model.parameters():
+            flat = param.flatten()
+            if flat.numel() > 1 and bool((flat == flat[0]).all()):
+                if param.dim() == 1:
+                    param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.running_mean is not None:
                 module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=generator) - 0.5)

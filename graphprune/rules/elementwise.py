@@ -42,10 +42,9 @@ def broadcast_info(ctx: Context, inputs: list, shape: tuple[int, ...]) -> Tensor
 
 def _unary(ctx: Context, call: Call) -> list[TensorInfo]:
     source = call.tensor_args[0]
-    if "softmax" in call.name:
-        dim = call.arg(1, "dim")
-        if isinstance(dim, int):
-            ctx.store.mark_statistic(ctx.info(source).dims[dim])
+    if "softmax" in call.name:  # softmax of zeros is uniform, not zero: zeroing is visible downstream
+        for dim in ctx.info(source).dims:
+            ctx.store.mark_statistic(dim)
     infos = []
     for out in call.outputs:
         if out.shape == source.shape:

@@ -56,16 +56,16 @@ def _feature_fn(model: nn.Module, feature_fn: FeatureFn | None, scorer: str) -> 
     return timm_features
 
 
-def _checked(scorer: str, out: object, batch: Batch, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked(scorer: str, out: object, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
         raise InvalidArgumentError(f"{scorer}: feature_fn must return (features, logits) tensors")
     features, logits = out
     n = batch.targets.shape[0]
     if features.dim() != 2 or features.shape[0] != n or logits.dim() != 2 or logits.shape[0] != n:
-        raise InvalidArgumentError(f"{scorer}: batch {index}: expected features (B, D) and logits (B, K) for "
+        raise InvalidArgumentError(f"{scorer}: expected features (B, D) and logits (B, K) for "
                                    f"B = {n} targets, got {tuple(features.shape)} and {tuple(logits.shape)}")
     if batch.targets.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or batch.targets.dim() != 1:
-        raise InvalidArgumentError(f"{scorer}: batch {index}: targets must be class indices of shape (B,), got "
+        raise InvalidArgumentError(f"{scorer}: targets must be class indices of shape (B,), got "
                                    f"{batch.targets.dtype} {tuple(batch.targets.shape)}")
     return features, logits
 
@@ -108,7 +108,7 @@ def class_means(model: nn.Module, data: Iterable, num_classes: int | None = None
     sums = counts = None
     with left_as_found(model, options.device), torch.no_grad():
         for index, batch in enumerate(options.batches("class means")):
-            features, logits = _checked(name, features_of(model, batch.inputs), batch, index)
+            features, logits = _checked(name, features_of(model, batch.inputs), batch)
             if sums is None:
                 num_classes = num_classes or logits.shape[1]
                 sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
@@ -180,13 +180,15 @@ def classmean(groups: Groups, model: nn.Module, *, data: Iterable | None = None,
     options = ScoringData.create(scorer, data, loss_fn=loss_fn, max_batches=max_batches, progress=progress,
                                  device=device, passes=1 if class_means is not None else 2)
     features_of = _feature_fn(model, feature_fn, scorer)
+    if reference is not None and not isinstance(reference, nn.Module):
+        raise InvalidArgumentError(f"{scorer}: reference must be an nn.Module or None, got {type(reference).__name__}")
     if class_means is None:
         class_means = _class_means(model if reference is None else reference, data, feature_fn=feature_fn,
                                    max_batches=max_batches, progress=progress, device=device)
     means = {}  # on the scoring device, checked on the first batch
 
     def step(model: nn.Module, batch: Batch) -> torch.Tensor:
-        features, logits = _checked(scorer, features_of(model, batch.inputs), batch, 0)
+        features, logits = _checked(scorer, features_of(model, batch.inputs), batch)
         if "value" not in means:
             means["value"] = _check_means(class_means, logits.shape[1], features.shape[1]).to(features)
         centers = means["value"][batch.targets]  # (B, D): the mean of each sample's class

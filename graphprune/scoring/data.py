@@ -13,6 +13,7 @@ buffer is updated, and the scores are a deterministic function of the data.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,11 +127,10 @@ class ScoringData:
             total = len(self.data) if total is None else min(total, len(self.data))
         except TypeError:  # an iterable without a length
             pass
+        source = self.data if self.max_batches is None else itertools.islice(self.data, self.max_batches)
         count = 0
         with tqdm(total=total, desc=f"{self.scorer} {desc}", disable=not self.progress, leave=False) as bar:
-            for raw in self.data:
-                if self.max_batches is not None and count >= self.max_batches:
-                    break
+            for raw in source:  # islice: no batch beyond the budget is loaded
                 yield self._check_batch(raw, count)
                 count += 1
                 bar.update(1)
@@ -179,10 +179,10 @@ def check_data(scorer: str, data: object, *, passes: int = 1) -> None:
             iterator when the scorer needs several ``passes``.
 
     Example:
-        >>> check_data("taylor", None)
+        >>> check_data("taylor", None)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        graphprune.errors.InvalidArgumentError: scorer 'taylor' needs data=... (an iterable of (inputs, targets) batches, e.g. a DataLoader)
+        graphprune.errors.InvalidArgumentError: scorer 'taylor' needs data=... (an iterable of ... batches, ...)
     """
     if data is None:
         raise InvalidArgumentError(f"scorer {scorer!r} needs data=... (an iterable of (inputs, targets) batches, "
@@ -210,10 +210,10 @@ def check_loss(scorer: str, loss: object, index: int) -> torch.Tensor:
 
     Example:
         >>> import torch
-        >>> check_loss("taylor", torch.tensor(float("nan")), 3)
+        >>> check_loss("taylor", torch.tensor(float("nan")), 3)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        graphprune.errors.InvalidArgumentError: scorer 'taylor': the loss is nan on batch 3; check the inputs, targets and loss_fn
+        graphprune.errors.InvalidArgumentError: scorer 'taylor': the loss is nan on batch 3; check the ...
     """
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise InvalidArgumentError(f"scorer {scorer!r}: the loss must be a scalar tensor, got "

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..groups import Groups
+from ..groups import ChannelGroup, Groups
 from .data import Batch, LossFn, ScoringData, check_loss, left_as_found
 from .registry import Scores, register_scorer
 
@@ -75,7 +75,7 @@ def taylor_scores(groups: Groups, model: nn.Module, options: ScoringData, step: 
     return {g.id: channel_sums(g, per_name) for g in groups}
 
 
-def channel_sums(group, per_element: dict[str, torch.Tensor]) -> torch.Tensor:
+def channel_sums(group: ChannelGroup, per_element: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum an elementwise quantity per channel over the group's members found in ``per_element``.
 
     Args:
