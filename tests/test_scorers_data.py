@@ -168,13 +168,7 @@ def has_norm(group: gp.ChannelGroup, model: nn.Module) -> bool:
 # 1. dead channels score exactly zero, and only they
 
 
-RUNNING_VAR_BUG = pytest.mark.xfail(
-    strict=True, reason="scoring/magnitude.py member_norms sums BatchNorm running_var (a buffer, not a weight), "
-                        "so a dead channel keeps a score of about sum(running_var); use named_parameters only")
-
-
-@pytest.mark.parametrize("scorer", ["taylor", "target_taylor", pytest.param("l1", marks=RUNNING_VAR_BUG),
-                                    pytest.param("l2", marks=RUNNING_VAR_BUG), "bn_scale"])
+@pytest.mark.parametrize("scorer", ["taylor", "target_taylor", "l1", "l2", "bn_scale"])
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_dead_channels_rank_lowest_with_score_zero(model_name: str, scorer: str) -> None:
     build, image_size, batch_size = MODELS[model_name]

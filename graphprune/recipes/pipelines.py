@@ -133,14 +133,14 @@ class _Run:
         return self.model, self.store.result()
 
 
-def s_to_t(model: nn.Module, data: TransferData, config: TransferConfig = TransferConfig()
+def s_to_t(model: nn.Module, data: TransferData, config: TransferConfig | None = None
            ) -> tuple[nn.Module, RecipeResult]:
     """S->T: give ``model`` a classifier for the target classes and fine-tune it (``config.source``).
 
     Args:
         model: the source (pretrained) timm model; not modified.
         data: the target task.
-        config: ``source`` (the fine-tuning) and ``run`` are used.
+        config: ``source`` (the fine-tuning) and ``run`` are used; ``None``: the defaults.
 
     Returns:
         The fine-tuned model and the metrics record (stage ``"source"``).
@@ -155,12 +155,13 @@ def s_to_t(model: nn.Module, data: TransferData, config: TransferConfig = Transf
         >>> classifier_of(model).out_features, [s.name for s in result.stages]
         (2, ['source'])
     """
+    config = config or TransferConfig()
     run = _Run("S->T", model, data, config)
     run.stage("source", run.finetune("source", config.source))
     return run.finish()
 
 
-def s_tp_t(model: nn.Module, data: TransferData, config: TransferConfig = TransferConfig()
+def s_tp_t(model: nn.Module, data: TransferData, config: TransferConfig | None = None
            ) -> tuple[nn.Module, RecipeResult]:
     """S->TP->T: fine-tune (``source``), prune (``prune``), fine-tune again (``target``).
 
@@ -171,7 +172,7 @@ def s_tp_t(model: nn.Module, data: TransferData, config: TransferConfig = Transf
     Args:
         model: the source (pretrained) timm model; not modified.
         data: the target task.
-        config: every stage's settings and the run options.
+        config: every stage's settings and the run options; ``None``: the defaults.
 
     Returns:
         The pruned, fine-tuned model and the metrics record (stages ``source``, ``prune``, ``target``).
@@ -186,6 +187,7 @@ def s_tp_t(model: nn.Module, data: TransferData, config: TransferConfig = Transf
         >>> result.final.macs < result.base_macs
         True
     """
+    config = config or TransferConfig()
     _check_prune(config.prune, "S->TP->T")
     run = _Run("S->TP->T", model, data, config)
     run.stage("source", run.finetune("source", config.source))
@@ -195,7 +197,7 @@ def s_tp_t(model: nn.Module, data: TransferData, config: TransferConfig = Transf
     return run.finish()
 
 
-def sp_t(model: nn.Module, data: TransferData, config: TransferConfig = TransferConfig()
+def sp_t(model: nn.Module, data: TransferData, config: TransferConfig | None = None
          ) -> tuple[nn.Module, RecipeResult]:
     """SP->T: prune the source model (with a fresh target classifier), then fine-tune (``target``).
 
@@ -206,7 +208,7 @@ def sp_t(model: nn.Module, data: TransferData, config: TransferConfig = Transfer
     Args:
         model: the source (pretrained) timm model; not modified.
         data: the target task.
-        config: ``prune``, ``target`` and ``run`` are used.
+        config: ``prune``, ``target`` and ``run`` are used; ``None``: the defaults.
 
     Returns:
         The pruned, fine-tuned model and the metrics record (stages ``prune``, ``target``).
@@ -222,6 +224,7 @@ def sp_t(model: nn.Module, data: TransferData, config: TransferConfig = Transfer
         >>> [s.name for s in result.stages], result.final.steps
         (['prune', 'target'], 0)
     """
+    config = config or TransferConfig()
     _check_prune(config.prune, "SP->T")
     run = _Run("SP->T", model, data, config)
     means = run.class_means()  # of the unpruned source, with the target's fresh classifier

@@ -56,14 +56,14 @@ def _prune_step_on_main(model: nn.Module, data: TransferData, config: TransTailo
     return plan_json, slice_factors(seen["factors"], Plan.from_json(plan_json))
 
 
-def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig = TransTailorConfig()
+def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig | None = None
                 ) -> tuple[nn.Module, RecipeResult]:
     """Run the TransTailor search and return the best pruned sub-model (``beta`` folded in).
 
     Args:
         model: the source (pretrained) timm model; not modified.
         data: the target task; ``val`` drives the stopping rule and the selection.
-        config: the search settings (see :class:`TransTailorConfig`).
+        config: the search settings (see :class:`TransTailorConfig`); ``None``: the defaults.
 
     Returns:
         The selected sub-model and the metrics record: stage ``source``, then ``step-1``,
@@ -81,6 +81,7 @@ def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig 
         >>> result.final.name, result.flops_reduction > 0.05
         ('step-1', True)
     """
+    config = config or TransTailorConfig()
     run = _Run("TransTailor", model, data, config)  # type: ignore[arg-type]
     run.stage("source", run.finetune("source", config.source))
     best_accuracy = run.store.record("source").val_accuracy

@@ -10,8 +10,9 @@ from .registry import Scores, register_scorer
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer by qualified name (tied tensors under each of their names)."""
-    return dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    """Every parameter by qualified name (tied ones under each name). Buffers such as BatchNorm's
+    running statistics describe activations, not weights, and do not count toward magnitude."""
+    return dict(model.named_parameters(remove_duplicate=False))
 
 
 @torch.no_grad()
@@ -24,6 +25,8 @@ def member_norms(group: ChannelGroup, model: nn.Module, p: int,
     tensors = tensors if tensors is not None else state_tensors(model)
     score = torch.zeros(group.size, dtype=torch.float64)
     for member in group.members:
+        if member.name not in tensors:
+            continue  # a buffer
         tensor = tensors[member.name].detach()
         power = tensor.abs() if p == 1 else tensor.square()
         other = [d for d in range(tensor.dim()) if d != member.dim]
