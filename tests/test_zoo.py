@@ -75,6 +75,9 @@ def test_prune_runs_shrinks_and_is_exact(name: str) -> None:
         reference = model(x)
 
     pruned = gp.prune(model, x, ratio=0.3)
+    identity = gp.prune(model, x, ratio=0.0)
+    with torch.no_grad():
+        assert torch.equal(identity.eval()(x), reference), f"{name}: ratio=0 changed the output"
 
     # the input model is untouched
     after = model.state_dict()
