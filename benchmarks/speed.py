@@ -4,8 +4,8 @@ For each model and FLOPs budget (fraction of fvcore MACs removed), pruned copies
 (three by default) from the same seeded random weights:
 
 * graphprune: ``gp.prune(model, x, flops_reduction=budget, scorer="l1",
-  config=gp.PlanConfig(round_to=r), ignore=gp.classifier_names(model))`` with ``r`` = 1 and 8
-  (it searches the channel selection itself and verifies with fvcore).
+  config=gp.PlanConfig(round_to=r))`` with ``r`` = 1 and 8 (it searches the channel selection
+  itself and verifies with fvcore; the classifier's outputs are frozen as model outputs).
 * Torch-Pruning: ``MetaPruner(importance=MagnitudeImportance(p=1), pruning_ratio=p,
   round_to=r)`` (local, uniform: every group loses the fraction ``p``), set up as
   ``_common.tp_pruner``. ``p`` is searched so that the measured MACs reduction matches the
@@ -45,6 +45,7 @@ import dataclasses
 import gc
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -108,8 +109,8 @@ def niceness(increment: int) -> Iterator[int]:
     in ``/proc/self/task`` is set; threads started later (torch's OpenMP pool) inherit it from
     the main thread. With scheduler autogroups (``/proc/sys/kernel/sched_autogroup_enabled``)
     a niceness only ranks threads within their session's group, so the group's nice
-    (``/proc/self/autogroup``) is set to the same value too, and restored on exit (it outlives
-    the process).
+    (``/proc/self/autogroup``) is set to the same value too, and restored on exit, SIGTERM
+    included (it outlives the process).
     """
     current = os.getpriority(os.PRIO_PROCESS, 0)
     if increment == 0:
@@ -118,6 +119,7 @@ def niceness(increment: int) -> Iterator[int]:
     target = current + increment
     autogroup = Path("/proc/self/autogroup")
     group_nice = autogroup.read_text().split()[-1] if autogroup.exists() else None
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` runs on kill
     try:
         for tid in os.listdir("/proc/self/task"):
             os.setpriority(os.PRIO_PROCESS, int(tid), target)
@@ -127,6 +129,7 @@ def niceness(increment: int) -> Iterator[int]:
     finally:
         if group_nice is not None:
             autogroup.write_text(group_nice)
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def wait_for_quiet(cfg: Config) -> float:
@@ -144,8 +147,9 @@ def wait_for_quiet(cfg: Config) -> float:
 def prune_graphprune(model, x, budget: float, round_to: int, row: dict):
     import graphprune as gp
 
-    return gp.prune(model, x, flops_reduction=budget, scorer="l1", config=gp.PlanConfig(round_to=round_to),
-                    ignore=gp.classifier_names(model))
+    # no ignore: the classifier's outputs are model outputs, frozen by the graph itself, and its
+    # inputs stay prunable, as with Torch-Pruning's ignored_layers
+    return gp.prune(model, x, flops_reduction=budget, scorer="l1", config=gp.PlanConfig(round_to=round_to))
 
 
 def _tp_prune_copy(model, x, ratio: float, round_to: int):
@@ -380,6 +384,7 @@ def plot(rows: list[dict], path: Path) -> None:
                ("torch_pruning", "8"): "v"}
     x_top = max([_num(r["macs_ratio"]) for r in ok] + [1.5]) * 1.1
     y_top = max([x_top] + [min(_num(r[f"speedup_b{b}"]), 2 * x_top) for r in ok for b in BATCHES]) * 1.05
+    y_low = min([0.7] + [_num(r[f"speedup_b{b}"]) for r in ok for b in BATCHES]) * 0.9
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.6), sharey=True)
     for ax, batch in zip(axes, BATCHES):
         line = [1.0, x_top]
@@ -393,14 +398,14 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"batch {batch}")
         ax.set_xlabel("MACs ratio (MACs before / after)")
         ax.set_xlim(1.0, x_top)
-        ax.set_ylim(0.0, y_top)
+        ax.set_ylim(y_low, y_top)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("latency speedup (median before / after)")
     handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="none", label=m) for m in models]
     handles += [plt.Line2D([], [], color="gray", marker=mk, ls="none", mfc="none" if t == "torch_pruning" else "gray",
                            label=f"{'graphprune' if t == 'graphprune' else 'Torch-Pruning'} round_to={r}")
-                for (t, r), mk in markers.items()]
+                for (t, r), mk in markers.items() if any((x["tool"], x["round_to"]) == (t, r) for x in ok)]
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=4, frameon=False)
     env = rows[0]
     fig.suptitle(f"CPU speedup vs MACs ratio: torch {env['torch']}, {env['cpu']}, {env['threads']} threads, "

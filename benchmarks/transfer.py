@@ -29,6 +29,7 @@ import csv
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,9 +101,10 @@ def _row(recipe: str, variant: str, seed: int, setup: Setup, result: R.RecipeRes
     }
 
 
-def run_seed(seed: int, setup: Setup, data: R.TransferData, test) -> list[dict]:
-    """Every variant for one seed."""
+def run_seed(seed: int, setup: Setup, make_data: Callable[[], R.TransferData], test) -> list[dict]:
+    """Every variant for one seed; each gets fresh loaders, so all see the same batches in the same order."""
     source = load_efficientnet_lite0()
+    data = make_data()
     run = R.RunConfig(seed=seed, progress=False)
     rows = []
     start = time.perf_counter()
@@ -115,7 +117,8 @@ def run_seed(seed: int, setup: Setup, data: R.TransferData, test) -> list[dict]:
         prune = R.PruneConfig(scorer=scorer, flops_reduction=setup.flops_reduction, classifier_reuse=reuse,
                               alignment_weight=align, scoring_batches=setup.scoring_batches)
         model = copy.deepcopy(full)
-        torch.manual_seed(seed)
+        data = make_data()
+        torch.manual_seed(seed)  # augmentation draws from the global RNG
         if align and means is None:
             means = R.stages.full_model_class_means(full, data, progress=False)
         prune_record = R.prune_stage_(model, data, prune, seed=seed, progress=False)
@@ -129,6 +132,7 @@ def run_seed(seed: int, setup: Setup, data: R.TransferData, test) -> list[dict]:
               f"(after pruning {prune_record.val_accuracy:.3f})", flush=True)
     start = time.perf_counter()
     prune = R.PruneConfig(scorer="l1", flops_reduction=setup.flops_reduction)
+    data = make_data()
     model, sp_result = R.sp_t(source, data, R.TransferConfig(prune=prune, target=setup.target, run=run))
     rows.append(_row("SP->T", "l1", seed, setup, sp_result, R.evaluate(model, test), time.perf_counter() - start,
                      prune))
@@ -179,10 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     reference = load_efficientnet_lite0()
     rows: list[dict] = []
     for seed in seeds:
-        data = R.image_folder_data(root, reference, image_size=setup.image_size, batch_size=34,
-                                   per_class=setup.train_per_class, val_per_class=setup.val_per_class, seed=seed)
+        def make_data(seed: int = seed) -> R.TransferData:
+            return R.image_folder_data(root, reference, image_size=setup.image_size, batch_size=34,
+                                       per_class=setup.train_per_class, val_per_class=setup.val_per_class, seed=seed)
+
         test = R.eval_loader(root, "test", reference, image_size=setup.image_size, per_class=setup.test_per_class)
-        rows += run_seed(seed, setup, data, test)
+        rows += run_seed(seed, setup, make_data, test)
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as handle:  # rewritten after every seed: partial results survive
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

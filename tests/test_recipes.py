@@ -31,8 +31,9 @@ def _synthetic(n: int = 16, classes: int = 2, seed: int = 0) -> R.TransferData:
         row, col = divmod(label % 4, 2)
         images[i, :, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] += 1.0
     pairs = TensorDataset(images, labels)
-    return R.TransferData(DataLoader(pairs, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed)),
-                          DataLoader(TensorDataset(images, labels), batch_size=8), tuple(f"c{k}" for k in range(classes)))
+    train = DataLoader(pairs, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    val = DataLoader(TensorDataset(images, labels), batch_size=8)
+    return R.TransferData(train, val, tuple(f"c{k}" for k in range(classes)))
 
 
 def _tiny() -> torch.nn.Module:

@@ -122,7 +122,8 @@ def slice_factors(factors: Mapping[str, torch.Tensor], plan) -> dict[str, torch.
 
     Example:
         >>> from graphprune.plan import Plan, ParamEdit
-        >>> slice_factors({"bn": torch.tensor([1.0, 2.0, 3.0])}, Plan({0: (1,)}, (ParamEdit("bn.weight", 0, 3, (0, 2)),)))
+        >>> plan = Plan({0: (1,)}, (ParamEdit("bn.weight", 0, 3, (0, 2)),))
+        >>> slice_factors({"bn": torch.tensor([1.0, 2.0, 3.0])}, plan)
         {'bn': tensor([1., 3.])}
     """
     keep = {e.name: e.keep for e in plan.edits if e.dim == 0}

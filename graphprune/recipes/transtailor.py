@@ -75,8 +75,8 @@ def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig 
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> pairs = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4))
         >>> data = TransferData(DataLoader(pairs, batch_size=4), DataLoader(pairs, batch_size=4), ("a", "b"))
-        >>> config = TransTailorConfig(max_steps=1, source=FinetuneConfig(epochs=0), finetune=FinetuneConfig(epochs=0.5),
-        ...                            run=RunConfig(progress=False))
+        >>> config = TransTailorConfig(max_steps=1, source=FinetuneConfig(epochs=0),
+        ...                            finetune=FinetuneConfig(epochs=0.5), run=RunConfig(progress=False))
         >>> small, result = transtailor(timm.create_model("resnet18", pretrained=False), data, config)
         >>> result.final.name, result.flops_reduction > 0.05
         ('step-1', True)
