@@ -221,7 +221,7 @@ def test_block_search_stops_by_the_rule_and_resumes(tmp_path):
                                  patience=1, max_blocks=3, finetune=R.FinetuneConfig(epochs=0.5),
                                  run=R.RunConfig(checkpoint_dir=str(tmp_path / "run"), progress=False))
     model, result = R.block_search(source, data, config)
-    teacher = result.stages[0].val_accuracy
+    teacher = result.stage("source").val_accuracy
     steps = [s for s in result.stages if s.kind == "search-step"]
     assert steps and [s.details["blocks_removed"] for s in steps] == list(range(1, len(steps) + 1))
     # patience 1: every step before the last passed; the last failed unless the search ran out of blocks
@@ -250,9 +250,9 @@ def test_block_search_depth_then_width_with_proxies():
                                  width=R.PruneConfig(scorer="l1", flops_reduction=0.2),
                                  width_finetune=R.FinetuneConfig(epochs=0.5), run=R.RunConfig(progress=False))
     model, result = R.block_search(timm.create_model("resnet18", pretrained=False), data, config)
-    assert [s.name for s in result.stages] == ["source", "depth-1", "depth-2", "width", "width-finetune"]
+    assert [s.name for s in result.stages] == ["probe", "source", "depth-1", "depth-2", "width", "width-finetune"]
     assert sum(isinstance(m, gb.Proxy) for m in model.modules()) == 2
-    depth, width = result.stages[2], result.stages[4]
+    depth, width = result.stage("depth-2"), result.stage("width-finetune")
     assert width.macs < depth.macs < result.base_macs
     assert result.final == width  # the record describes the returned model
 

@@ -200,15 +200,15 @@ def test_s_tp_t_records_and_checkpoints(tmp_path):
     before = {k: v.clone() for k, v in source.state_dict().items()}
     model, result = R.s_tp_t(source, _synthetic(), config)
     assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())  # input untouched
-    assert [s.name for s in result.stages] == ["source", "prune", "target"]
-    prune, target = result.stages[1], result.stages[2]
-    assert prune.macs == target.macs < result.stages[0].macs == result.base_macs
+    assert [s.name for s in result.stages] == ["probe", "source", "prune", "target"]
+    prune, target = result.stages[2], result.stages[3]
+    assert prune.macs == target.macs < result.stages[1].macs == result.base_macs
     assert prune.details["flops_reduction"] == pytest.approx(result.flops_reduction)
     assert target.steps == round(4 / (1 - prune.details["flops_reduction"]))  # 4 batches, scaled
     assert result.val_accuracy == pytest.approx(R.evaluate(model, _synthetic().val))
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert [s["name"] for s in saved["stages"]] == ["source", "prune", "target"]
-    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 4
+    assert [s["name"] for s in saved["stages"]] == ["probe", "source", "prune", "target"]
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 5
     assert _same_state(gp.io.load(tmp_path / "stages" / "target"), model)
     assert not list(tmp_path.glob(".*"))  # no temp files left
 
@@ -229,7 +229,7 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         R.s_tp_t(_tiny(), _synthetic(), config)
     assert ran == ["source", "target"]
-    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["prune", "source"]
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["probe", "prune", "source"]
 
     def counting(model, data, stage_config, **options):
         ran.append(options["name"])
@@ -240,7 +240,7 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     ran.clear()
     model, result = R.s_tp_t(_tiny(), _synthetic(), config)
     assert ran == ["target"]
-    assert [s.name for s in result.stages] == ["source", "prune", "target"]
+    assert [s.name for s in result.stages] == ["probe", "source", "prune", "target"]
     again, _ = R.s_tp_t(_tiny(), _synthetic(), config)  # everything finished: nothing runs
     assert ran == ["target"] and _same_state(again, model)
     other = _quiet(source=R.FinetuneConfig(epochs=2), run=config.run)
@@ -252,9 +252,9 @@ def test_sp_t_zero_epochs_is_zero_shot_pruning():
     config = _quiet(prune=R.PruneConfig(scorer="random", flops_reduction=None, ratio=0.3),
                     target=R.FinetuneConfig(epochs=0))
     model, result = R.sp_t(_tiny(), _synthetic(), config)
-    assert [s.name for s in result.stages] == ["prune", "target"]
+    assert [s.name for s in result.stages] == ["probe", "prune", "target"]
     assert result.final.steps == 0 and result.flops_reduction > 0.2
-    assert result.final.val_accuracy == result.stages[0].val_accuracy
+    assert result.final.val_accuracy == result.stages[1].val_accuracy
 
 
 def test_classifier_reuse_freezes_the_fine_tuned_classifier_and_alignment_runs():
@@ -333,7 +333,7 @@ def test_s_tp_t_efficientnet_lite0_flowers17(shared_data, efficientnet_lite0_pac
                     prune=R.PruneConfig(scorer="taylor", flops_reduction=0.3),
                     target=R.FinetuneConfig(epochs=2, mode="full", lr=2e-3))
     model, result = R.s_tp_t(source, data, config)
-    source_acc, pruned_acc = result.stages[0].val_accuracy, result.final.val_accuracy
+    source_acc, pruned_acc = result.stage("source").val_accuracy, result.final.val_accuracy
     assert source_acc >= 0.45, result.to_json()
     assert pruned_acc >= 0.30, result.to_json()
     assert result.flops_reduction == pytest.approx(0.3, abs=0.02)

@@ -6,8 +6,10 @@
   fine-tuning (:mod:`.transtailor`).
 * :func:`block_search`: NetTailor-style depth search, removing whole residual blocks, then
   optionally channels (:mod:`.blocksearch`).
-* Data the timm way (:mod:`.data`), the training loop (:mod:`.finetune`), stage checkpoints and
-  resume (:mod:`.checkpoint`), ``torchrun`` support (:mod:`.distributed`).
+* Data the timm way, decoded once (:mod:`.data`), device / bf16 / ``channels_last``
+  (:mod:`.device`), the linear probe (:mod:`.probe`), the training loop on timm's optimizer and
+  scheduler (:mod:`.finetune`), stage checkpoints and resume (:mod:`.checkpoint`),
+  ``torchrun`` support with gloo or NCCL (:mod:`.distributed`).
 
 Example:
     >>> import graphprune.recipes as recipes
@@ -21,10 +23,12 @@ from ..scoring import classmean as _classmean, target_taylor as _target_taylor, 
 from .blocksearch import BlockSearchConfig, block_search
 from .checkpoint import StageStore, atomic_write_text
 from .config import FinetuneConfig, PruneConfig, RunConfig, TransferConfig, TransTailorConfig
-from .data import TransferData, check_splits, data_config, eval_loader, image_folder_data
+from .data import DecodedImages, NormalizeCollate, TransferData, check_splits, data_config, eval_loader, image_folder_data
+from .device import DeviceLoader, Placement, resolve_device
 from .distributed import DistContext, context
-from .finetune import evaluate, features_and_logits, finetune_
-from .pipelines import check_data, s_to_t, s_tp_t, sp_t
+from .finetune import build_optimizer, build_schedule, evaluate, features_and_logits, finetune_, seed_everything
+from .pipelines import check_data, on_device, s_to_t, s_tp_t, sp_t
+from .probe import extract_features, fit_logistic, linear_probe_
 from .records import RecipeResult, StageRecord, records_csv
 from .importance import applied_factors, fold_factors_, importance_factors
 from .stages import prune_stage_
@@ -36,4 +40,6 @@ __all__ = [
     "context", "data_config", "eval_loader", "evaluate", "features_and_logits", "finetune_", "image_folder_data",
     "prune_stage_", "records_csv", "s_tp_t", "s_to_t", "sp_t", "transtailor",
     "applied_factors", "fold_factors_", "importance_factors",
+    "DecodedImages", "DeviceLoader", "NormalizeCollate", "Placement", "build_optimizer", "build_schedule",
+    "extract_features", "fit_logistic", "linear_probe_", "on_device", "resolve_device", "seed_everything",
 ]

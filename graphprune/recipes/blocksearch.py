@@ -34,7 +34,7 @@ from ..blocks.modules import Proxy
 from ..blocks.plan import REPLACEMENTS
 from ..blocks.scoring import BLOCK_SCORERS
 from ..errors import InvalidArgumentError
-from .config import FinetuneConfig, PruneConfig, RunConfig, _json_ready
+from .config import HEAD_INITS, FinetuneConfig, PruneConfig, RunConfig, _json_ready
 from .data import TransferData
 from .distributed import on_main, sync_state_
 from .finetune import finetune_
@@ -60,7 +60,9 @@ class BlockSearchConfig:
         finetune: fine-tuning after each removal.
         width: optional channel pruning of the selected model (depth, then width).
         width_finetune: fine-tuning after the channel pruning.
-        run: checkpoints, seed, progress.
+        run: checkpoints, seed, progress, device.
+        head_init: ``"probe"`` (a linear probe before the teacher's fine-tuning, as in
+            :class:`~graphprune.recipes.TransferConfig`) or ``"random"``.
     """
 
     source: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -75,8 +77,12 @@ class BlockSearchConfig:
     width: PruneConfig | None = None
     width_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    head_init: str = "probe"
 
     def __post_init__(self) -> None:
+        if self.head_init not in HEAD_INITS:
+            raise InvalidArgumentError(f"BlockSearchConfig.head_init must be one of {HEAD_INITS}, "
+                                       f"got {self.head_init!r}")
         if self.scorer not in BLOCK_SCORERS:
             raise InvalidArgumentError(f"BlockSearchConfig.scorer must be one of {sorted(BLOCK_SCORERS)}, "
                                        f"got {self.scorer!r}")
@@ -143,16 +149,17 @@ def block_search(model: nn.Module, data: TransferData, config: BlockSearchConfig
         ...                            max_blocks=2, finetune=FinetuneConfig(epochs=0.5), run=RunConfig(progress=False))
         >>> small, result = block_search(timm.create_model("resnet18", pretrained=False), data, config)
         >>> [s.name for s in result.stages], result.final.details["blocks_removed"]
-        (['source', 'depth-1', 'depth-2'], 2)
+        (['probe', 'source', 'depth-1', 'depth-2'], 2)
     """
     config = config or BlockSearchConfig()
     run = _Run("BlockSearch", model, data, config)  # type: ignore[arg-type]
+    run.probe()
     run.stage("source", run.finetune("source", config.source))
     teacher = run.model
     teacher_accuracy = run.store.record("source").val_accuracy
-    example = data.example_inputs()
+    example = run.data.example_inputs()
     blocks = find_blocks(teacher, example)
-    scores, proxy_states = on_main(run.ctx, lambda: _scores_on_main(teacher, blocks, data, config, run.progress))
+    scores, proxy_states = on_main(run.ctx, lambda: _scores_on_main(teacher, blocks, run.data, config, run.progress))
     ranked = sorted(blocks.candidates(config.replacement), key=lambda b: (scores[b.name], b.order))
     limit = min(len(ranked), config.max_blocks or len(ranked))
     selected: tuple[str, nn.Module] = ("source", teacher)
@@ -160,7 +167,7 @@ def block_search(model: nn.Module, data: TransferData, config: BlockSearchConfig
     for k in range(config.step, limit + 1, config.step):
         name = f"depth-{k}"
         if run.store.done(name):
-            candidate, record = run.store.load(name), run.store.record(name)
+            candidate, record = run.load(name), run.store.record(name)
         else:
             candidate, record = _depth_step(run, teacher, blocks, [b.name for b in ranked[:k]], scores, proxy_states,
                                             name, config)
@@ -173,8 +180,9 @@ def block_search(model: nn.Module, data: TransferData, config: BlockSearchConfig
     run.store.select(selected[0])
     run.model = selected[1]
     if config.width is not None:
-        run.stage("width", lambda m: prune_stage_(m, data, config.width, name="width", ctx=run.ctx,
-                                                  seed=config.run.seed, progress=run.progress))
+        run.stage("width", lambda m: prune_stage_(m, run.data, config.width, name="width", ctx=run.ctx,
+                                                  seed=config.run.seed, progress=run.progress,
+                                                  placement=run.placement))
         run.stage("width-finetune", run.finetune("width-finetune", config.width_finetune))
         run.store.select("width-finetune")  # the returned model is the width-pruned one
     return run.model, run.store.result()
@@ -193,9 +201,10 @@ def _depth_step(run: _Run, teacher: nn.Module, blocks: Blocks, names: list[str],
             proxy.load_state_dict(proxy_states[edit.block])
             proxies[edit.block] = proxy
     apply_block_plan_(candidate, plan, proxies=proxies)
+    run.placement.model_(candidate)  # proxies are built on the CPU
     sync_state_(candidate, run.ctx)
     record = finetune_(candidate, run.data, config.finetune, name=name, ctx=run.ctx, seed=run.config.run.seed + len(names),
-                       progress=run.progress)
+                       progress=run.progress, placement=run.placement)
     base = run.store.base_macs
     details = {**record.details, "blocks_removed": len(names), "blocks": list(names),
                "scores": {n: scores[n] for n in names}, "replacement": config.replacement,

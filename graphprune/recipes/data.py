@@ -3,12 +3,22 @@
 ``TransferData`` is what every recipe takes: a training loader, a validation loader (model
 selection and early stopping read only this one, never a test split) and the class names.
 :func:`image_folder_data` builds it the timm way, ``resolve_data_config(model=model)`` +
-``create_transform``, at a configurable image size, and refuses a missing split or
+``create_transform`` (random-resized-crop, flip and colour jitter for training; resize and
+centre crop for evaluation), at a configurable image size, and refuses a missing split or
 train/val class folders that differ before anything is trained.
+
+Small datasets are decoded once (:class:`DecodedImages`): every image is read, converted to
+RGB and resized so its short side is what the eval transform needs (``image_size /
+crop_pct``), then kept in memory as a ``uint8`` tensor; timm's transforms run on those tensors
+(``use_prefetcher=True`` leaves them ``uint8``) and :class:`NormalizeCollate` turns a batch
+into normalized floats in one vectorized step. JPEG decoding and PIL resizing, which cost
+more than the forward pass of a small model on the CPU, then happen once per image instead of
+once per image and epoch.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +26,9 @@ from pathlib import Path
 import timm.data
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
+from torchvision.transforms import functional as TF
 
 from ..errors import InvalidArgumentError
 
@@ -30,11 +41,14 @@ class TransferData:
         train: re-iterable of ``(images, labels)`` training batches (a ``DataLoader``).
         val: validation batches: model selection only.
         class_names: class ``i`` is ``class_names[i]`` in both splits.
+        train_eval: the training split without augmentation (the linear probe and class means
+            read it); ``None``: they read ``train``.
     """
 
     train: DataLoader
     val: DataLoader
     class_names: tuple[str, ...]
+    train_eval: DataLoader | None = None
 
     @property
     def num_classes(self) -> int:
@@ -113,6 +127,70 @@ def data_config(model: nn.Module, image_size: int) -> dict:
     return config
 
 
+class DecodedImages(Dataset):
+    """An ImageFolder split decoded once into memory: ``uint8`` tensors ``(3, H, W)`` and labels.
+
+    Args:
+        folder: a torchvision ``ImageFolder`` (its ``samples`` are read; its transform is not used).
+        short_side_px: resize each image so its shorter side is at most this many pixels
+            (aspect kept, antialiased); ``None`` keeps the decoded size.
+        transform: applied to each ``uint8`` tensor on access (timm's ``create_transform``
+            with ``use_prefetcher=True``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / "cat").mkdir()
+        >>> Image.new("RGB", (60, 40)).save(root / "cat" / "a.png")
+        >>> images = DecodedImages(datasets.ImageFolder(str(root)), short_side_px=20)
+        >>> images[0][0].shape, images[0][0].dtype, images.classes
+        (torch.Size([3, 20, 30]), torch.uint8, ['cat'])
+    """
+
+    def __init__(self, folder: datasets.ImageFolder, short_side_px: int | None = None, transform=None) -> None:
+        self.classes = list(folder.classes)
+        self.root = folder.root
+        self.targets = list(folder.targets)
+        self.transform = transform
+        self.images: list[torch.Tensor] = []
+        for path, _ in folder.samples:
+            image = folder.loader(path).convert("RGB")
+            if short_side_px is not None and min(image.size) > short_side_px:
+                width, height = image.size
+                scale = short_side_px / min(width, height)
+                image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                                     resample=3)  # PIL bicubic, antialiased on downsizing
+            self.images.append(TF.pil_to_tensor(image))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        return (self.transform(image) if self.transform is not None else image), self.targets[index]
+
+
+class NormalizeCollate:
+    """Collate ``uint8`` images into one float batch normalized with timm's mean and std.
+
+    Example:
+        >>> collate = NormalizeCollate((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        >>> images, labels = collate([(torch.full((3, 2, 2), 255, dtype=torch.uint8), 1)])
+        >>> images.flatten()[:2].tolist(), labels.tolist()
+        ([1.0, 1.0], [1])
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
+
+    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([image for image, _ in samples]).float()  # (B, 3, H, W), 0..255
+        labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+        return (images - self.mean) / self.std, labels
+
+
 def _balanced_subset(dataset: datasets.ImageFolder, per_class: int | None, seed: int):
     if per_class is None:
         return dataset
@@ -127,9 +205,61 @@ def _balanced_subset(dataset: datasets.ImageFolder, per_class: int | None, seed:
     return Subset(dataset, sorted(chosen))
 
 
-def image_folder_data(root: str | os.PathLike, model: nn.Module, *, image_size: int = 224, batch_size: int = 32,
+def _folder(root: Path, split: str, per_class: int | None, seed: int) -> datasets.ImageFolder:
+    """The split's ImageFolder, reduced to a balanced subset in place (so only those images are decoded)."""
+    folder = datasets.ImageFolder(str(root / split))
+    if per_class is not None:
+        keep = _balanced_subset(folder, per_class, seed).indices
+        folder.samples = [folder.samples[i] for i in keep]
+        folder.imgs = folder.samples
+        folder.targets = [folder.targets[i] for i in keep]
+    return folder
+
+
+class _FromPil:
+    """PIL image -> RGB ``uint8`` tensor -> ``transform`` (picklable, for DataLoader workers)."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.transform(TF.pil_to_tensor(image.convert("RGB")))
+
+
+class _Split:
+    """One split's images, shared by the augmented and the plain view (decoded at most once)."""
+
+    def __init__(self, folder: datasets.ImageFolder, config: dict, cache: bool) -> None:
+        self.folder = folder
+        self.cache = cache
+        crop_pct = config.get("crop_pct") or 1.0
+        self.short_side_px = int(math.floor(config["input_size"][-1] / crop_pct))
+        self._decoded: DecodedImages | None = None
+
+    def view(self, transform) -> Dataset:
+        if not self.cache:
+            view = datasets.ImageFolder(self.folder.root, transform=_FromPil(transform))
+            view.samples, view.imgs, view.targets = self.folder.samples, self.folder.samples, self.folder.targets
+            return view
+        if self._decoded is None:
+            self._decoded = DecodedImages(self.folder, self.short_side_px)
+        view = DecodedImages.__new__(DecodedImages)
+        view.__dict__.update(self._decoded.__dict__, transform=transform)
+        return view
+
+
+def _transforms(config: dict, augment: bool, scale: tuple[float, float]):
+    common = {k: v for k, v in config.items() if k not in ("mean", "std")}
+    train = timm.data.create_transform(**common, is_training=augment, use_prefetcher=True,
+                                       **({"scale": scale} if augment else {}))
+    plain = timm.data.create_transform(**common, is_training=False, use_prefetcher=True)
+    return train, plain
+
+
+def image_folder_data(root: str | os.PathLike, model: nn.Module, *, image_size: int = 128, batch_size: int = 32,
                       per_class: int | None = None, val_per_class: int | None = None, augment: bool = True,
-                      seed: int = 0, num_workers: int = 0) -> TransferData:
+                      scale: tuple[float, float] = (0.25, 1.0), seed: int = 0, num_workers: int = 0,
+                      cache: bool = True) -> TransferData:
     """Train/val loaders over ``root/train`` and ``root/val`` with ``model``'s timm preprocessing.
 
     Args:
@@ -139,10 +269,16 @@ def image_folder_data(root: str | os.PathLike, model: nn.Module, *, image_size: 
         batch_size: images per batch.
         per_class: training images per class (a seeded, class-balanced subset); ``None``: all.
         val_per_class: the same for validation.
-        augment: timm's training augmentation (random resized crop, flip, colour jitter) on
-            ``train``; ``False`` uses the eval transform for both.
+        augment: timm's training augmentation (random resized crop over ``scale`` of the
+            area, horizontal flip, colour jitter 0.4) on ``train``; ``False`` uses the eval
+            transform for both.
+        scale: area range of the random resized crop (timm's ImageNet default is
+            ``(0.08, 1.0)``; few-shot fine-tuning keeps more of the object).
         seed: subset choice and shuffle order.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (each seeded from the loader's generator,
+            so runs stay reproducible); 0 augments in the main process.
+        cache: decode every image once into memory (:class:`DecodedImages`); ``False`` reads
+            and decodes the files on every access (datasets too large for memory).
 
     Raises:
         InvalidArgumentError: a missing split, class folders that differ, a bad ``image_size``.
@@ -156,21 +292,26 @@ def image_folder_data(root: str | os.PathLike, model: nn.Module, *, image_size: 
     """
     names = check_splits(root, ("train", "val"))
     config = data_config(model, image_size)
-    train_tf = timm.data.create_transform(**config, is_training=augment)
-    val_tf = timm.data.create_transform(**config, is_training=False)
+    if (not isinstance(scale, (tuple, list)) or len(scale) != 2
+            or not all(isinstance(v, (int, float)) for v in scale) or not 0 < scale[0] <= scale[1] <= 1):
+        raise InvalidArgumentError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
+    train_tf, plain_tf = _transforms(config, augment, tuple(scale))
+    collate = NormalizeCollate(config["mean"], config["std"])
     base = Path(root)
-    train = _balanced_subset(datasets.ImageFolder(str(base / "train"), transform=train_tf), per_class, seed)
-    val = _balanced_subset(datasets.ImageFolder(str(base / "val"), transform=val_tf), val_per_class, seed)
+    train = _Split(_folder(base, "train", per_class, seed), config, cache)
+    val = _Split(_folder(base, "val", val_per_class, seed), config, cache)
+    loader = {"batch_size": batch_size, "num_workers": num_workers, "collate_fn": collate,
+              "persistent_workers": num_workers > 0}
     return TransferData(
-        train=DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                         generator=torch.Generator().manual_seed(seed)),
-        val=DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=num_workers),
+        train=DataLoader(train.view(train_tf), shuffle=True, generator=torch.Generator().manual_seed(seed), **loader),
+        val=DataLoader(val.view(plain_tf), shuffle=False, **loader),
         class_names=names,
+        train_eval=DataLoader(train.view(plain_tf), shuffle=False, **loader),
     )
 
 
-def eval_loader(root: str | os.PathLike, split: str, model: nn.Module, *, image_size: int = 224,
-                batch_size: int = 64, per_class: int | None = None, seed: int = 0) -> DataLoader:
+def eval_loader(root: str | os.PathLike, split: str, model: nn.Module, *, image_size: int = 128,
+                batch_size: int = 64, per_class: int | None = None, seed: int = 0, cache: bool = True) -> DataLoader:
     """An unaugmented loader over ``root/<split>`` (e.g. the test split, for reporting only).
 
     Example:
@@ -179,6 +320,8 @@ def eval_loader(root: str | os.PathLike, split: str, model: nn.Module, *, image_
         >>> test = eval_loader("../shared/data/flowers17", "test", model, image_size=96)  # doctest: +SKIP
     """
     check_splits(root, ("train", split))
-    transform = timm.data.create_transform(**data_config(model, image_size), is_training=False)
-    dataset = _balanced_subset(datasets.ImageFolder(str(Path(root) / split), transform=transform), per_class, seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    config = data_config(model, image_size)
+    _, plain_tf = _transforms(config, False, (1.0, 1.0))
+    images = _Split(_folder(Path(root), split, per_class, seed), config, cache)
+    return DataLoader(images.view(plain_tf), batch_size=batch_size, shuffle=False,
+                      collate_fn=NormalizeCollate(config["mean"], config["std"]))

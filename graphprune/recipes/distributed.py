@@ -1,7 +1,8 @@
-"""Data-parallel runs: the same recipe under ``torchrun`` (gloo on CPU, NCCL-free) without code changes.
+"""Data-parallel runs: the same recipe under ``torchrun`` (gloo on CPU, NCCL on CUDA) without code changes.
 
-:func:`context` reads ``RANK`` / ``WORLD_SIZE`` (set by ``torchrun``) and joins the process
-group once. The recipes then
+:func:`context` reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by ``torchrun``) and
+joins the process group once, with the backend the device needs: ``nccl`` when the run's
+device is CUDA (each rank on ``cuda:LOCAL_RANK``), ``gloo`` on the CPU. The recipes then
 
 * shard the training data with a ``DistributedSampler`` and average gradients with DDP,
 * shard validation without padding and all-reduce the correct/total counts, so every rank
@@ -27,6 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
+
+from .device import DeviceLoader
 
 T = TypeVar("T")
 
@@ -54,8 +57,34 @@ class DistContext:
         return self.rank == 0
 
 
-def context() -> DistContext:
-    """The run's context from ``RANK`` / ``WORLD_SIZE``; joins a gloo process group if needed.
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for ``device``: ``"nccl"`` on CUDA, ``"gloo"`` elsewhere.
+
+    Example:
+        >>> backend_for(torch.device("cpu")), backend_for(torch.device("cuda", 0))
+        ('gloo', 'nccl')
+    """
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` for a CUDA run under ``torchrun``, else ``device``.
+
+    Example:
+        >>> rank_device(torch.device("cpu"))
+        device(type='cpu')
+    """
+    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def context(device: torch.device | str = "cpu") -> DistContext:
+    """The run's context from ``RANK`` / ``WORLD_SIZE``; joins a process group if needed.
+
+    Args:
+        device: the run's device; CUDA selects the ``nccl`` backend and binds this process to
+            ``cuda:LOCAL_RANK``, anything else ``gloo``.
 
     Example:
         >>> context().world_size  # outside torchrun
@@ -64,9 +93,18 @@ def context() -> DistContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
+    where = rank_device(torch.device(device))
+    if where.type == "cuda":
+        torch.cuda.set_device(where)  # NCCL collectives and broadcast_object_list use the current device
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend=backend_for(where))
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def _collective_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier(ctx: DistContext) -> None:
@@ -116,9 +154,9 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     """
     if not ctx.enabled:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)
-    return tensor.tolist()
+    return tensor.cpu().tolist()
 
 
 def train_shard(loader: DataLoader, ctx: DistContext, seed: int) -> DataLoader:
@@ -133,6 +171,8 @@ def train_shard(loader: DataLoader, ctx: DistContext, seed: int) -> DataLoader:
     """
     if not ctx.enabled:
         return loader
+    if isinstance(loader, DeviceLoader):
+        return DeviceLoader(train_shard(loader.loader, ctx, seed), loader.placement)
     sampler = DistributedSampler(loader.dataset, num_replicas=ctx.world_size, rank=ctx.rank,
                                  shuffle=isinstance(loader.sampler, RandomSampler), seed=seed)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
@@ -149,6 +189,8 @@ def eval_shard(loader: DataLoader, ctx: DistContext) -> DataLoader:
     """
     if not ctx.enabled:
         return loader
+    if isinstance(loader, DeviceLoader):
+        return DeviceLoader(eval_shard(loader.loader, ctx), loader.placement)
     indices = list(range(ctx.rank, len(loader.dataset), ctx.world_size))
     return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size, shuffle=False,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn)

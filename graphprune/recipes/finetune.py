@@ -6,15 +6,30 @@ alignment term ``lambda * (1 - cos(f_i, c_{y_i}))`` on the penultimate features 
 ``forward_head(forward_features(x), pre_logits=True)``). Under DDP the loss module is wrapped
 in ``DistributedDataParallel``, so gradients are averaged however the loss is built.
 ``requires_grad`` and train/eval mode are restored on exit, even on error.
+
+The parts are timm's and torch's own: parameter groups from ``timm.optim``
+(``param_groups_weight_decay`` / ``param_groups_layer_decay``: no decay on biases and norms,
+optional layer-wise decay) with the classifier's groups at ``head_lr_scale`` times the rate,
+the optimizer from ``timm.optim.create_optimizer_v2``, warmup + cosine from
+``timm.scheduler.CosineLRScheduler`` (stepped per update; it applies each group's
+``lr_scale``), ``F.cross_entropy(label_smoothing=...)``, the weight average from
+``timm.utils.ModelEmaV3``, and bf16 autocast / ``channels_last`` from :mod:`.device`.
+Every stage reseeds torch, Python's ``random`` (timm's random-resized-crop draws from it),
+NumPy and the loader's shuffle generator from its seed, so a stage is a function of its inputs.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+import timm.optim
+import timm.scheduler
+import timm.utils
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +39,7 @@ from ..errors import InvalidArgumentError
 from ..measurement import count_macs, count_params
 from .config import FinetuneConfig
 from .data import TransferData
+from .device import Placement
 from .distributed import DistContext, all_reduce_sum, eval_shard, sync_state_, train_shard
 from .records import StageRecord
 
@@ -60,19 +76,23 @@ def features_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.T
 class _Objective(nn.Module):
     """``CE(logits, y) [+ weight * mean(1 - cos(f, c_y))]``; a module so DDP can wrap it."""
 
-    def __init__(self, model: nn.Module, class_means: torch.Tensor | None, weight: float) -> None:
+    def __init__(self, model: nn.Module, class_means: torch.Tensor | None, weight: float,
+                 label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.weight = weight
         self.class_means = class_means
+        self.label_smoothing = label_smoothing
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.class_means is None or self.weight == 0:
-            return F.cross_entropy(self.model(images), targets)
+            return F.cross_entropy(self.model(images).float(), targets, label_smoothing=self.label_smoothing)
         features, logits = features_and_logits(self.model, images)
+        features = features.float()
         centers = self.class_means.to(features)[targets]  # (B, D): each sample's class mean
         alignment = (1.0 - F.cosine_similarity(features, centers, dim=1)).mean()
-        return F.cross_entropy(logits, targets) + self.weight * alignment
+        return (F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+                + self.weight * alignment)
 
 
 @contextmanager
@@ -105,10 +125,80 @@ def _trainable(model: nn.Module, mode: str, freeze_classifier: bool) -> Iterator
             m.training = training
 
 
-def _optimizer(params: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+def seed_everything(seed: int, loader=None) -> None:
+    """Seed torch, Python's ``random``, NumPy and (if it has one) ``loader``'s shuffle generator.
+
+    Example:
+        >>> seed_everything(3); a = torch.rand(1); seed_everything(3); bool(torch.rand(1) == a)
+        True
+    """
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """timm's optimizer over ``model``'s trainable weights, the classifier at ``head_lr_scale``.
+
+    In ``mode="linear"`` only the classifier trains and ``lr`` is its rate (no scale).
+
+    Groups come from ``timm.optim.param_groups_weight_decay`` (or ``param_groups_layer_decay``
+    with ``config.layer_decay``); each is split into classifier / backbone parts, and the
+    classifier's part gets ``lr_scale`` multiplied by ``config.head_lr_scale``. timm's
+    schedulers (and :func:`build_schedule`) apply ``lr_scale``.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+        >>> optimizer = build_optimizer(model, FinetuneConfig(lr=1e-3, head_lr_scale=10))
+        >>> sorted({g["lr_scale"] for g in optimizer.param_groups})
+        [1.0, 10.0]
+    """
+    head = {id(p) for p in classifier_of(model).parameters()}
+    head_scale = config.head_lr_scale if config.mode == "full" else 1.0  # linear: lr is the head's own rate
+    if config.layer_decay is not None:
+        groups = timm.optim.param_groups_layer_decay(model, weight_decay=config.weight_decay,
+                                                     layer_decay=config.layer_decay)
+    else:
+        groups = timm.optim.param_groups_weight_decay(model, weight_decay=config.weight_decay)
+    split: list[dict] = []
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        base = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        scale = base.pop("lr_scale", 1.0)
+        for is_head in (False, True):
+            mine = [p for p in params if (id(p) in head) == is_head]
+            if mine:
+                split.append({**base, "params": mine, "lr_scale": scale * (head_scale if is_head else 1.0)})
+    if not split:
+        raise InvalidArgumentError("nothing to train: every parameter has requires_grad=False")
+    kwargs = {"momentum": 0.9} if config.optimizer.lower() in ("sgd", "momentum", "nesterov") else {}
+    optimizer = timm.optim.create_optimizer_v2(split, opt=config.optimizer.lower(), lr=config.lr,
+                                               weight_decay=config.weight_decay, **kwargs)
+    return optimizer  # group "lr" is the unscaled rate: the scheduler sets lr = value * lr_scale
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, config: FinetuneConfig, steps: int
+                   ) -> timm.scheduler.CosineLRScheduler:
+    """Linear warmup over ``warmup_fraction`` of ``steps`` (from 1 % of the rate), then cosine to 0.
+
+    Call ``schedule.step_update(num_updates=k)`` after the k-th optimizer step.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+        >>> schedule = build_schedule(optimizer, FinetuneConfig(lr=1.0, warmup_fraction=0.5), steps=4)
+        >>> [round(optimizer.param_groups[0]["lr"], 3)] + [
+        ...     (schedule.step_update(k), round(optimizer.param_groups[0]["lr"], 3))[1] for k in (1, 2, 3)]
+        [0.01, 0.505, 1.0, 0.5]
+    """
+    warmup = int(round(config.warmup_fraction * steps))
+    return timm.scheduler.CosineLRScheduler(optimizer, t_initial=max(steps - warmup, 1), lr_min=0.0, warmup_t=warmup,
+                                            warmup_lr_init=config.lr * 0.01, warmup_prefix=True,
+                                            t_in_epochs=False)
 
 
 def stage_steps(config: FinetuneConfig, batches_per_epoch: int, scale: float = 1.0) -> int:
@@ -124,7 +214,8 @@ def stage_steps(config: FinetuneConfig, batches_per_epoch: int, scale: float = 1
     return int(round(config.epochs * scale * per_epoch))
 
 
-def evaluate(model: nn.Module, loader, ctx: DistContext = DistContext()) -> float:
+def evaluate(model: nn.Module, loader, ctx: DistContext = DistContext(), placement: Placement | None = None
+             ) -> float:
     """Top-1 accuracy of ``model`` (eval mode, no grad) over ``loader``; summed over DDP ranks.
 
     Example:
@@ -139,7 +230,9 @@ def evaluate(model: nn.Module, loader, ctx: DistContext = DistContext()) -> floa
         model.eval()
         with torch.no_grad():
             for images, targets in (eval_shard(loader, ctx) if hasattr(loader, "dataset") else loader):
-                correct += int((model(images).argmax(dim=1) == targets).sum())
+                with placement.autocast() if placement is not None else contextlib.nullcontext():
+                    logits = model(images)
+                correct += int((logits.argmax(dim=1) == targets).sum())
                 total += int(targets.numel())
     finally:
         for m, training in modes:
@@ -151,7 +244,7 @@ def evaluate(model: nn.Module, loader, ctx: DistContext = DistContext()) -> floa
 
 
 def measure_record(model: nn.Module, data: TransferData, name: str, kind: str, seconds: float, *,
-                   ctx: DistContext = DistContext(), **fields) -> StageRecord:
+                   ctx: DistContext = DistContext(), placement: Placement | None = None, **fields) -> StageRecord:
     """Evaluate and measure ``model`` into a :class:`StageRecord`.
 
     Example:
@@ -162,7 +255,7 @@ def measure_record(model: nn.Module, data: TransferData, name: str, kind: str, s
         >>> measure_record(model, TransferData(loader, loader, ("a", "b")), "s", "finetune", 0.0).macs > 0
         True
     """
-    accuracy = evaluate(model, data.val, ctx)
+    accuracy = evaluate(model, data.val, ctx, placement)
     example = data.example_inputs()
     return StageRecord(name=name, kind=kind, val_accuracy=accuracy, macs=int(count_macs(model, example)),
                        params=int(count_params(model)), seconds=seconds, **fields)
@@ -171,21 +264,23 @@ def measure_record(model: nn.Module, data: TransferData, name: str, kind: str, s
 def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, name: str = "finetune",
               freeze_classifier: bool = False, class_means: torch.Tensor | None = None,
               alignment_weight: float = 0.0, epoch_scale: float = 1.0, ctx: DistContext = DistContext(),
-              seed: int = 0, progress: bool = True) -> StageRecord:
+              seed: int = 0, progress: bool = True, placement: Placement | None = None) -> StageRecord:
     """Fine-tune ``model`` in place on ``data.train``; evaluate on ``data.val``.
 
     Args:
         model: a timm classifier.
-        data: the target task.
-        config: epochs, mode (``full`` / ``linear``), optimizer and learning rate.
+        data: the target task (batches already on ``placement``'s device, e.g. through
+            :class:`~graphprune.recipes.device.DeviceLoader`).
+        config: epochs, mode (``full`` / ``linear``), optimizer, rates, schedule, smoothing, EMA.
         name: the stage name in the returned record (and the progress bar).
         freeze_classifier: keep the classifier's weights fixed (classifier reuse).
         class_means: Tensor[num_classes, feat_dim] for the alignment loss.
         alignment_weight: lambda of ``1 - cos(f_i, c_{y_i})``; 0 is plain cross entropy.
         epoch_scale: multiplies ``config.epochs`` (e.g. ``1 / (1 - flops_reduction)``).
         ctx: the data-parallel context (see :mod:`graphprune.recipes.distributed`).
-        seed: seeds the data order of this stage.
+        seed: seeds torch, ``random``, NumPy and the data order of this stage.
         progress: show a tqdm bar (rank 0).
+        placement: device, bf16 autocast and memory layout; ``None``: the model's device, fp32.
 
     Returns:
         The stage's record: validation accuracy, MACs, parameters, steps, mean training loss.
@@ -201,18 +296,22 @@ def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, n
     """
     if alignment_weight > 0 and class_means is None:
         raise InvalidArgumentError("alignment_weight > 0 needs class_means")
+    placement = placement or Placement(device=next(model.parameters()).device)
     start = time.perf_counter()
     loader = train_shard(data.train, ctx, seed)
     steps = stage_steps(config, len(loader), epoch_scale)
     losses: list[float] = []
     if steps > 0:
-        torch.manual_seed(seed)
-        with _trainable(model, config.mode, freeze_classifier) as params:
-            objective: nn.Module = _Objective(model, class_means, alignment_weight)
+        seed_everything(seed, loader)
+        placement.model_(model)
+        with _trainable(model, config.mode, freeze_classifier):
+            objective: nn.Module = _Objective(model, class_means, alignment_weight, config.label_smoothing)
             if ctx.enabled:
-                objective = nn.parallel.DistributedDataParallel(objective)
-            optimizer = _optimizer(params, config)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+                ids = [placement.device.index] if placement.device.type == "cuda" else None
+                objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+            optimizer = build_optimizer(model, config)
+            schedule = build_schedule(optimizer, config, steps)
+            ema = timm.utils.ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay is not None else None
             with tqdm(total=steps, desc=name, disable=not (progress and ctx.is_main), leave=False) as bar:
                 epoch = 0
                 while len(losses) < steps:
@@ -222,18 +321,25 @@ def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, n
                         if len(losses) >= steps or (config.max_batches_per_epoch is not None
                                                     and index >= config.max_batches_per_epoch):
                             break
-                        loss = objective(images, targets)
+                        with placement.autocast():
+                            loss = objective(images, targets)
                         if not torch.isfinite(loss):
                             raise InvalidArgumentError(f"stage {name!r}: the training loss is {loss.item()} at "
                                                        f"step {len(losses)}; lower the learning rate")
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
-                        schedule.step()
                         losses.append(float(loss.detach()))
+                        schedule.step_update(num_updates=len(losses))
+                        if ema is not None:
+                            ema.update(model, step=len(losses))
                         bar.update(1)
                         bar.set_postfix(loss=f"{losses[-1]:.3f}")
                     epoch += 1
+            if ema is not None:  # the stage ends with the averaged weights (and their BN statistics)
+                with torch.no_grad():
+                    for mine, averaged in zip(model.state_dict().values(), ema.module.state_dict().values()):
+                        mine.copy_(averaged)
         for p in model.parameters():
             p.grad = None
         sync_state_(model, ctx)
@@ -243,7 +349,8 @@ def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, n
         mean_loss = total / count
     per_epoch = stage_steps(FinetuneConfig(epochs=1.0, max_batches_per_epoch=config.max_batches_per_epoch),
                             len(loader))
-    return measure_record(model, data, name, "finetune", time.perf_counter() - start, ctx=ctx, steps=steps,
-                          epochs=steps / per_epoch if per_epoch else 0.0, train_loss=mean_loss,
+    return measure_record(model, data, name, "finetune", time.perf_counter() - start, ctx=ctx, placement=placement,
+                          steps=steps, epochs=steps / per_epoch if per_epoch else 0.0, train_loss=mean_loss,
                           details={"mode": config.mode, "freeze_classifier": freeze_classifier,
-                                   "alignment_weight": alignment_weight, "epoch_scale": epoch_scale})
+                                   "alignment_weight": alignment_weight, "epoch_scale": epoch_scale,
+                                   **placement.to_dict()})

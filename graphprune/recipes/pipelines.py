@@ -27,8 +27,10 @@ from ..measurement import count_macs
 from .checkpoint import StageStore
 from .config import FinetuneConfig, PruneConfig, RunConfig, TransferConfig  # noqa: F401  (docstring examples)
 from .data import TransferData
-from .distributed import DistContext, context, sync_state_
-from .finetune import classifier_of, finetune_
+from .device import DeviceLoader, Placement
+from .distributed import DistContext, context, rank_device, sync_state_
+from .finetune import classifier_of, finetune_, seed_everything
+from .probe import linear_probe_
 from .records import RecipeResult, StageRecord
 from .stages import full_model_class_means, prune_stage_
 
@@ -75,22 +77,42 @@ def _check_prune(prune: PruneConfig, recipe: str) -> None:
         raise InvalidArgumentError("SP->T has no fine-tuned classifier to reuse; set classifier_reuse=False")
 
 
+def on_device(data: TransferData, placement: Placement) -> TransferData:
+    """``data`` whose loaders deliver batches on ``placement``'s device (and memory layout).
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1])), batch_size=2)
+        >>> moved = on_device(TransferData(loader, loader, ("a", "b")), Placement())
+        >>> type(moved.train).__name__, moved.example_inputs().device.type
+        ('DeviceLoader', 'cpu')
+    """
+    wrap = (lambda loader: None if loader is None else DeviceLoader(loader, placement))
+    return TransferData(wrap(data.train), wrap(data.val), data.class_names, wrap(data.train_eval))
+
+
 class _Run:
-    """Shared plumbing: the copy, the seed, the store, the context, stage skipping on resume."""
+    """Shared plumbing: the copy, the seed, the device, the store, the context, stage skipping on resume."""
 
     def __init__(self, recipe: str, model: nn.Module, data: TransferData, config: TransferConfig) -> None:
         check_data(data)
-        self.ctx: DistContext = context()
+        run = config.run
         self.config = config
-        self.data = data
-        torch.manual_seed(config.run.seed)
+        seed_everything(run.seed)
         self.model = copy.deepcopy(model)
         classifier_of(self.model)
         self.model.reset_classifier(data.num_classes)
+        placement = Placement.resolve(self.model, run.device, run.precision, run.channels_last)
+        self.ctx: DistContext = context(placement.device)
+        self.placement = Placement(rank_device(placement.device), placement.bf16, placement.channels_last)
+        self.data = on_device(data, self.placement)
+        self.placement.model_(self.model)
         sync_state_(self.model, self.ctx)
-        base_macs = int(count_macs(self.model, data.example_inputs()))
-        self.store = StageStore(config.run.checkpoint_dir, recipe, config.to_dict(), base_macs=base_macs,
+        base_macs = int(count_macs(self.model, self.data.example_inputs()))
+        self.store = StageStore(run.checkpoint_dir, recipe, config.to_dict(), base_macs=base_macs,
                                 ctx=self.ctx)
+        self.head_init = getattr(config, "head_init", "random")
 
     @property
     def progress(self) -> bool:
@@ -99,18 +121,29 @@ class _Run:
     def stage(self, name: str, run: Stage) -> None:
         """Run stage ``name`` on ``self.model`` unless an earlier run finished it (then load it)."""
         if self.store.done(name):
-            self.model = self.store.load(name)
+            self.model = self.load(name)
             return
         record = run(self.model)
         self.store.finish(self.model, record)
 
+    def load(self, name: str) -> nn.Module:
+        """The checkpoint of stage ``name``, on the run's device and memory layout."""
+        return self.placement.model_(self.store.load(name))
+
+    def probe(self) -> None:
+        """With ``head_init="probe"``: fit the new classifier as a linear probe (stage ``probe``)."""
+        if self.head_init == "probe":
+            self.stage("probe", lambda model: linear_probe_(model, self.data, ctx=self.ctx, placement=self.placement))
+
     def finetune(self, name: str, config, **options) -> Stage:
         return lambda model: finetune_(model, self.data, config, name=name, ctx=self.ctx,
-                                       seed=self.config.run.seed, progress=self.progress, **options)
+                                       seed=self.config.run.seed, progress=self.progress, placement=self.placement,
+                                       **options)
 
     def prune(self, name: str) -> Stage:
         return lambda model: prune_stage_(model, self.data, self.config.prune, name=name, ctx=self.ctx,
-                                          seed=self.config.run.seed, progress=self.progress)
+                                          seed=self.config.run.seed, progress=self.progress,
+                                          placement=self.placement)
 
     def class_means(self) -> torch.Tensor | None:
         """Class means of ``self.model`` for the alignment loss, if the target stage still needs them."""
@@ -130,12 +163,17 @@ class _Run:
         return options
 
     def finish(self) -> tuple[nn.Module, RecipeResult]:
-        return self.model, self.store.result()
+        """The model (on the run's device, default memory layout) and the record."""
+        return self.model.to(memory_format=torch.contiguous_format), self.store.result()
 
 
 def s_to_t(model: nn.Module, data: TransferData, config: TransferConfig | None = None
            ) -> tuple[nn.Module, RecipeResult]:
     """S->T: give ``model`` a classifier for the target classes and fine-tune it (``config.source``).
+
+    With ``config.head_init="probe"`` (the default) the classifier is first fitted as a linear
+    probe on the frozen features (stage ``probe``: the linear-probe reference), then the whole
+    model is fine-tuned from there.
 
     Args:
         model: the source (pretrained) timm model; not modified.
@@ -153,10 +191,11 @@ def s_to_t(model: nn.Module, data: TransferData, config: TransferConfig | None =
         >>> source = timm.create_model("resnet18", pretrained=False)
         >>> model, result = s_to_t(source, data, TransferConfig(run=RunConfig(progress=False)))
         >>> classifier_of(model).out_features, [s.name for s in result.stages]
-        (2, ['source'])
+        (2, ['probe', 'source'])
     """
     config = config or TransferConfig()
     run = _Run("S->T", model, data, config)
+    run.probe()
     run.stage("source", run.finetune("source", config.source))
     return run.finish()
 
@@ -190,6 +229,7 @@ def s_tp_t(model: nn.Module, data: TransferData, config: TransferConfig | None =
     config = config or TransferConfig()
     _check_prune(config.prune, "S->TP->T")
     run = _Run("S->TP->T", model, data, config)
+    run.probe()
     run.stage("source", run.finetune("source", config.source))
     means = run.class_means()  # run.model is the fine-tuned full model here, trained now or resumed
     run.stage("prune", run.prune("prune"))
@@ -222,11 +262,12 @@ def sp_t(model: nn.Module, data: TransferData, config: TransferConfig | None = N
         ...                         target=FinetuneConfig(epochs=0), run=RunConfig(progress=False))
         >>> model, result = sp_t(timm.create_model("resnet18", pretrained=False), data, config)
         >>> [s.name for s in result.stages], result.final.steps
-        (['prune', 'target'], 0)
+        (['probe', 'prune', 'target'], 0)
     """
     config = config or TransferConfig()
     _check_prune(config.prune, "SP->T")
     run = _Run("SP->T", model, data, config)
+    run.probe()  # data-driven scorers then see a head that fits the target classes
     means = run.class_means()  # of the unpruned source, with the target's fresh classifier
     run.stage("prune", run.prune("prune"))
     run.stage("target", run.finetune("target", config.target, **run.target_options(means)))

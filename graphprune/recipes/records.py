@@ -20,7 +20,7 @@ class StageRecord:
 
     Attributes:
         name: the stage's unique name in its recipe (``"source"``, ``"prune"``, ``"step-2"``, ...).
-        kind: ``"finetune"``, ``"prune"`` or ``"search-step"``.
+        kind: ``"probe"``, ``"finetune"``, ``"prune"`` or ``"search-step"``.
         val_accuracy: top-1 accuracy on the validation split after the stage, in ``[0, 1]``.
         macs: MACs of one forward pass at the example input (one fused multiply-add = one MAC).
         params: parameter elements.
@@ -67,6 +67,22 @@ class RecipeResult:
             if stage.name == selected:
                 return stage
         return self.stages[-1]
+
+    def stage(self, name: str) -> StageRecord:
+        """The record of stage ``name``.
+
+        Raises:
+            KeyError: no stage of that name ran.
+
+        Example:
+            >>> result = RecipeResult("S->T", (StageRecord("source", "finetune", 0.5, 10, 10, 1.0),), 10)
+            >>> result.stage("source").val_accuracy
+            0.5
+        """
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"no stage {name!r}; stages: {[s.name for s in self.stages]}")
 
     @property
     def val_accuracy(self) -> float:

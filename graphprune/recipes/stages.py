@@ -22,6 +22,7 @@ from ..removal import apply_plan_
 from ..scoring.classmean import class_means
 from .config import PruneConfig
 from .data import TransferData
+from .device import Placement
 from .distributed import DistContext, on_main
 from .finetune import measure_record
 from .records import StageRecord
@@ -59,7 +60,8 @@ def _prune_on_main(model: nn.Module, data: TransferData, config: PruneConfig, se
 
 
 def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, name: str = "prune",
-                 ctx: DistContext = DistContext(), seed: int = 0, progress: bool = True) -> StageRecord:
+                 ctx: DistContext = DistContext(), seed: int = 0, progress: bool = True,
+                 placement: Placement | None = None) -> StageRecord:
     """Prune ``model`` in place (identically on every rank) and measure it.
 
     Args:
@@ -70,6 +72,7 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
         ctx: the data-parallel context.
         seed: seed of seeded scorers.
         progress: show the scorers' progress bars (rank 0).
+        placement: the run's device and layout; the pruned model is put back on it.
 
     Returns:
         The stage's record; ``details`` holds the scorer and the measured FLOPs reduction.
@@ -94,8 +97,10 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
         plan = Plan.from_json(plan_json)
         apply_plan_(model, plan)
         record_plan(model, plan)
+    if placement is not None:
+        placement.model_(model)  # new (sliced) weights take the run's memory layout again
     seconds = time.perf_counter() - start
-    record = measure_record(model, data, name, "prune", seconds, ctx=ctx)
+    record = measure_record(model, data, name, "prune", seconds, ctx=ctx, placement=placement)
     details = {"scorer": config.scorer, "scope": config.scope, "ratio": config.ratio,
                "target_flops_reduction": config.flops_reduction,
                "flops_reduction": 1.0 - record.macs / before if before else 0.0}
@@ -114,5 +119,6 @@ def full_model_class_means(model: nn.Module, data: TransferData, *, ctx: DistCon
         >>> full_model_class_means(model, TransferData(loader, loader, ("a", "b")), progress=False).shape
         torch.Size([2, 512])
     """
-    return on_main(ctx, lambda: class_means(model, data.train, data.num_classes,
+    train = data.train_eval if data.train_eval is not None else data.train  # unaugmented when available
+    return on_main(ctx, lambda: class_means(model, train, data.num_classes,
                                             progress=progress and ctx.is_main))

@@ -91,6 +91,7 @@ def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig 
     """
     config = config or TransTailorConfig()
     run = _Run("TransTailor", model, data, config)  # type: ignore[arg-type]
+    run.probe()
     run.stage("source", run.finetune("source", config.source))
     best_accuracy = run.store.record("source").val_accuracy
     best: tuple[str, float, nn.Module | None] | None = None
@@ -98,7 +99,7 @@ def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig 
     for step in range(1, config.max_steps + 1):
         name = f"step-{step}"
         if run.store.done(name):
-            run.model = run.store.load(name)
+            run.model = run.load(name)
             record = run.store.record(name)
         else:
             record = _search_step(run, name, step, config, base_macs)
@@ -109,7 +110,7 @@ def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig 
         if accuracy < best_accuracy - config.tau:
             break
     run.store.select(best[0])
-    chosen = best[2] if best[2] is not None else run.store.load(best[0])
+    chosen = best[2] if best[2] is not None else run.load(best[0])
     return chosen, run.store.result()
 
 
@@ -122,9 +123,9 @@ def _search_step(run: _Run, name: str, step: int, config: TransTailorConfig, bas
         apply_plan_(run.model, plan)
         record_plan(run.model, plan)
     with applied_factors(run.model, factors):  # frozen beta: plain tensors, never in the optimizer
-        pruned_accuracy = evaluate(run.model, run.data.val, ctx)
+        pruned_accuracy = evaluate(run.model, run.data.val, ctx, run.placement)
         record = finetune_(run.model, run.data, config.finetune, name=name, ctx=ctx, seed=run.config.run.seed + step,
-                           progress=run.progress)
+                           progress=run.progress, placement=run.placement)
     fold_factors_(run.model, factors)
     details = {**record.details, "val_accuracy_before_finetune": pruned_accuracy,
                "flops_reduction": 1.0 - record.macs / base_macs if base_macs else 0.0,
