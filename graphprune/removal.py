@@ -3,7 +3,9 @@
 Every parameter and buffer slice named by the plan is cut with ``index_select``; tied
 tensors stay tied; ``requires_grad`` is kept; module attributes that describe shapes
 (``in_channels``, ``out_features``, ``num_features``, ``normalized_shape``, ``groups``,
-and the attributes the plan patches, such as ``num_heads``) are updated to match. If
+and the attributes the plan patches, such as ``num_heads``) are updated to match, and so
+is the timm contract (``num_features``, the head's ``in_features``, ``feature_info``;
+:mod:`graphprune.timm_contract`). A channels-last tensor stays channels-last. If
 anything fails the model is restored before the error propagates.
 """
 
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import timm_contract
 from .errors import InvalidArgumentError
 from .plan import Plan
 
@@ -105,29 +108,13 @@ def _update_shape_attributes(module: nn.Module, old_shapes: dict[str, torch.Size
         module.normalized_shape = tuple(weight.shape)
 
 
-def _classifier_width(model: nn.Module) -> int | None:
-    """Input width of the timm classifier (``pretrained_cfg["classifier"]``), if there is one."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("classifier")
-    if not isinstance(name, str):
-        return None
-    try:
-        head = model.get_submodule(name)
-    except AttributeError:
-        return None
-    weight = getattr(head, "weight", None)
-    return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else None
-
-
-def _sync_timm_widths(model: nn.Module, old_width: int | None) -> None:
-    """Keep timm's ``num_features`` / ``head_hidden_size`` equal to the classifier's input width,
-    so ``model.reset_classifier(n)`` builds a head that fits the pruned model."""
-    new_width = _classifier_width(model)
-    if old_width is None or new_width is None or new_width == old_width:
-        return
-    for attr in ("num_features", "head_hidden_size"):
-        if getattr(model, attr, None) == old_width:
-            setattr(model, attr, new_width)
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """The layout to give a cut copy of ``tensor``: channels-last stays channels-last."""
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if tensor.dim() == 5 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
@@ -161,7 +148,7 @@ def apply_unguarded_(model: nn.Module, plan: Plan) -> None:
     hold a :func:`restore_on_error` block (one snapshot instead of two)."""
     modules = dict(model.named_modules())
     _validate(model, plan, modules)
-    classifier_width = _classifier_width(model)
+    witnesses = timm_contract.find_witnesses(model)  # before any cut: tie timm's widths to tensor dims
     replaced: dict[int, torch.Tensor] = {}
     old_shapes: dict[nn.Module, dict[str, torch.Size]] = {}
     current: dict[str, torch.Tensor] = {}
@@ -171,7 +158,8 @@ def apply_unguarded_(model: nn.Module, plan: Plan) -> None:
         original = getattr(module, attr)
         old_shapes.setdefault(module, {}).setdefault(attr, original.shape)
         index = torch.tensor(edit.keep, dtype=torch.long, device=tensor.device)
-        current[edit.name] = tensor.detach().index_select(edit.dim, index).contiguous()
+        current[edit.name] = tensor.detach().index_select(edit.dim, index).contiguous(
+            memory_format=_memory_format(original))
     for edit in plan.edits:
         module, attr = _owner(model, edit.name, modules)
         original = getattr(module, attr)
@@ -203,4 +191,4 @@ def apply_unguarded_(model: nn.Module, plan: Plan) -> None:
         setattr(module, patch.attr, new)
     for module, shapes in old_shapes.items():
         _update_shape_attributes(module, shapes)
-    _sync_timm_widths(model, classifier_width)
+    timm_contract.apply_witnesses_(model, witnesses)

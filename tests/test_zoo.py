@@ -136,3 +136,39 @@ def test_l1_removes_exactly_the_dead_channels(name: str) -> None:
     for gid, channels in dead.items():
         if len(channels) == removal_count(0.3, groups.by_id(gid).size):
             assert set(chosen[gid]) == set(channels), groups.by_id(gid).describe()
+
+
+def _feature_width(features: torch.Tensor, width: int) -> int:
+    """The dim of ``forward_features``' output that holds ``width`` channels (NCHW, NHWC or tokens)."""
+    dims = [d for d in (1, -1) if features.shape[d] == width]
+    assert dims, f"no dim of {tuple(features.shape)} is {width} wide"
+    return dims[0]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_pruned_model_keeps_the_timm_contract(name: str) -> None:
+    """After pruning, every width timm reads matches the weights: re-heading, pre-logits,
+    forward_features and every feature_info entry (checked against forward_intermediates)."""
+    from graphprune.timm_contract import find_witnesses, unresolved
+
+    model, x = make(name)
+    assert unresolved(find_witnesses(model)) == [], name
+    with torch.no_grad():
+        channel_dim = _feature_width(model.forward_features(x), model.num_features)
+        before = [t.shape[1] for t in model.forward_intermediates(x, intermediates_only=True)]
+    assert before == [f["num_chs"] for f in model.feature_info], "the check itself must hold unpruned"
+
+    pruned = gp.prune(model, x, ratio=0.3).eval()
+    with torch.no_grad():
+        features = pruned.forward_features(x)
+        assert features.shape[channel_dim] == pruned.num_features <= model.num_features
+        assert pruned.forward_head(features, pre_logits=True).shape[-1] == pruned.head_hidden_size
+        widths = [t.shape[1] for t in pruned.forward_intermediates(x, intermediates_only=True)]
+    assert widths == [f["num_chs"] for f in pruned.feature_info]
+    assert widths != before  # pruning changed them, so the equality above is not trivial
+
+    pruned.reset_classifier(5)
+    with torch.no_grad():
+        assert pruned(x).shape == (1, 5)
+        pruned.reset_classifier(0)  # headless: the output is the pre-logits width
+        assert pruned(x).shape == (1, pruned.head_hidden_size)
