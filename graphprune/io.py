@@ -23,7 +23,8 @@ against the record and loads the weights with ``strict=True``. Nothing is ever u
 a pickle or ``torch.save`` file offered to :func:`load` is recognized by its first bytes
 and refused. :func:`save` checks up front that the record rebuilds the model (on the meta
 device, so no memory is spent), then writes the directory atomically: both files go to a
-temporary directory next to the target, are fsynced and renamed into place; on any failure
+temporary directory next to the target, are fsynced and renamed into place (files and
+directory get the modes the umask gives any new file, e.g. 0644 and 0755); on any failure
 nothing is left behind and an existing save is kept. (Replacing a save takes two renames:
 a crash between them leaves the old save in a hidden ``.<name>.*.old`` directory beside it.)
 
@@ -335,9 +336,13 @@ def _is_saved_model(path: Path) -> bool:
     return path.is_dir() and (path / RECORD_FILE).is_file()
 
 
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def check_target(path: str | os.PathLike) -> None:
     """Fail early unless :func:`save` may write ``path``: its parent is a directory and ``path``
-    is new or an earlier save (which is then replaced).
+    is new, an empty directory, or an earlier save (which is then replaced).
 
     Raises:
         ModelFileError: saying which of the two does not hold.
@@ -351,7 +356,7 @@ def check_target(path: str | os.PathLike) -> None:
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise ModelFileError(f"cannot save to {target}: the parent directory {parent} {what}")
-    if target.exists() and not _is_saved_model(target):
+    if target.exists() and not _is_saved_model(target) and not _is_empty_dir(target):
         kind = "directory" if target.is_dir() else "file"
         raise ModelFileError(f"cannot save to {target}: it is an existing {kind} that is not a graphprune save; "
                              "choose a new path or remove it")
@@ -389,6 +394,11 @@ def _staging_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~_umask()
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -401,7 +411,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
     Args:
         model: a timm model, possibly pruned by graphprune (its ``graphprune_plans`` are saved).
         path: the directory to create; an existing graphprune save there is replaced
-            atomically, anything else there is refused.
+            atomically, an empty directory is filled, anything else there is refused.
         architecture: ``{"timm": name, "kwargs": {...}, "input_size": [C, H, W]}`` to build
             the base; default: the record :func:`load` left on the model, else
             :func:`infer_architecture`.
@@ -441,6 +451,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
     with _staging_dir(target) as staging:
         weights = staging / WEIGHTS_FILE
         save_file(stored, weights, metadata={"format": MODEL_FORMAT})
+        weights.chmod(_file_mode())  # safetensors writes 0600 whatever the umask; a saved model is shareable
         _fsync_file(weights)
         record = {
             "format": MODEL_FORMAT,
@@ -455,6 +466,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
             handle.write(_format_record(record))
             handle.flush()
             os.fsync(handle.fileno())
+        (staging / RECORD_FILE).chmod(_file_mode())
     return target
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 import subprocess
 import sys
 import textwrap
@@ -245,3 +247,27 @@ def test_sniff_recognizes_files_by_their_first_bytes(tmp_path, content: bytes, k
 def test_sniff_recognizes_safetensors(tmp_path):
     save_file({"a": torch.zeros(3)}, tmp_path / "f")
     assert gio.sniff(tmp_path / "f") == "safetensors"
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                              (0o002, 0o664, 0o775)])
+def test_saved_files_get_the_modes_the_umask_gives(tmp_path, umask: int, file_mode: int, dir_mode: int):
+    old = os.umask(umask)
+    try:
+        folder = gio.save(timm.create_model(TINY, pretrained=False, num_classes=2), tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {gio.WEIGHTS_FILE: file_mode, gio.RECORD_FILE: file_mode}
+    assert stat.S_IMODE(folder.stat().st_mode) == dir_mode
+
+
+def test_an_empty_directory_is_a_valid_target_and_a_full_one_is_not(tmp_path):
+    model = timm.create_model(TINY, pretrained=False, num_classes=2)
+    (tmp_path / "empty").mkdir()
+    assert gio.load(gio.save(model, tmp_path / "empty")).fc.out_features == 2
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(gio.ModelFileError, match="not a graphprune save"):
+        gio.save(model, tmp_path / "full")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
