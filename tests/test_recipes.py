@@ -299,7 +299,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     config = _quiet(source=R.FinetuneConfig(epochs=1, lr=3e-3),
                     prune=R.PruneConfig(scorer="taylor", flops_reduction=None, ratio=0.3, scoring_batches=2),
                     target=R.FinetuneConfig(epochs=1),
-                    run=R.RunConfig(checkpoint_dir=str(Path(out_dir) / "run"), progress=False))
+                    run=R.RunConfig(checkpoint_dir=str(Path(out_dir) / "run"), progress=False, device="cpu"))
     model, result = R.s_tp_t(_tiny(), _synthetic(), config)
     torch.save({"state": model.state_dict(), "accuracy": result.val_accuracy,
                 "plans": list(model.graphprune_plans)}, Path(out_dir) / f"rank{rank}.pt")

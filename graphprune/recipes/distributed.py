@@ -45,11 +45,12 @@ class DistContext:
 
     rank: int = 0
     world_size: int = 1
+    launched: bool = False
 
     @property
     def enabled(self) -> bool:
-        """True under a multi-process launcher."""
-        return self.world_size > 1
+        """True when a process group is joined: several processes, or ``torchrun`` with one."""
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -74,7 +75,7 @@ def rank_device(device: torch.device) -> torch.device:
         >>> rank_device(torch.device("cpu"))
         device(type='cpu')
     """
-    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if device.type != "cuda" or "LOCAL_RANK" not in os.environ:
         return device
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -91,14 +92,14 @@ def context(device: torch.device | str = "cpu") -> DistContext:
         1
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistContext()
+    if world_size <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ and not dist.is_initialized():
+        return DistContext()  # a plain process (torchrun always sets TORCHELASTIC_RUN_ID)
     where = rank_device(torch.device(device))
     if where.type == "cuda":
         torch.cuda.set_device(where)  # NCCL collectives and broadcast_object_list use the current device
     if not dist.is_initialized():
         dist.init_process_group(backend=backend_for(where))
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), launched=True)
 
 
 def _collective_device() -> torch.device:

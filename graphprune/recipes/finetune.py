@@ -96,7 +96,8 @@ class _Objective(nn.Module):
 
 
 @contextmanager
-def _trainable(model: nn.Module, mode: str, freeze_classifier: bool) -> Iterator[list[nn.Parameter]]:
+def _trainable(model: nn.Module, mode: str, freeze_classifier: bool, norm_stats: str = "train"
+               ) -> Iterator[list[nn.Parameter]]:
     """Set which weights train and the train/eval mode for a stage; restore both on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
@@ -113,6 +114,10 @@ def _trainable(model: nn.Module, mode: str, freeze_classifier: bool) -> Iterator
             classifier.train()
         else:
             model.train()
+            if norm_stats == "frozen":  # normalize with the running statistics; affine weights still train
+                for module in model.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise InvalidArgumentError("nothing to train: mode='linear' with a frozen (reused) classifier; "
@@ -304,7 +309,7 @@ def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, n
     if steps > 0:
         seed_everything(seed, loader)
         placement.model_(model)
-        with _trainable(model, config.mode, freeze_classifier):
+        with _trainable(model, config.mode, freeze_classifier, config.norm_stats):
             objective: nn.Module = _Objective(model, class_means, alignment_weight, config.label_smoothing)
             if ctx.enabled:
                 ids = [placement.device.index] if placement.device.type == "cuda" else None
@@ -351,6 +356,7 @@ def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, n
                             len(loader))
     return measure_record(model, data, name, "finetune", time.perf_counter() - start, ctx=ctx, placement=placement,
                           steps=steps, epochs=steps / per_epoch if per_epoch else 0.0, train_loss=mean_loss,
-                          details={"mode": config.mode, "freeze_classifier": freeze_classifier,
+                          details={"mode": config.mode, "norm_stats": config.norm_stats,
+                                   "freeze_classifier": freeze_classifier,
                                    "alignment_weight": alignment_weight, "epoch_scale": epoch_scale,
                                    **placement.to_dict()})
