@@ -1,21 +1,28 @@
 """The ``graphprune`` command: prune, measure and inspect timm models from the shell.
 
 Every subcommand takes a MODEL that is either a directory written by ``graphprune.save``
-(or ``graphprune prune``) or a timm model name (built with ``pretrained=False``; timm
-weights are never downloaded). ``--json`` prints one JSON document on stdout instead of
-text; errors are one line on stderr, ``graphprune: error: ...``, with exit status 2 for
-bad input and 1 for anything unexpected (``--debug`` adds the traceback).
+(or ``graphprune prune``) or a timm model name, with random weights unless ``--pretrained``
+(timm's own loading: hub, ``hf-hub:``, ``local-dir:``) or ``--checkpoint PATH`` (a local
+safetensors file or torch state dict) gives weights; see :mod:`graphprune.sources`.
+``--json`` prints one JSON document on stdout instead of text; errors are one line on
+stderr, ``graphprune: error: ...``, with exit status 2 for bad input and 1 for anything
+unexpected (``--debug`` adds the traceback). Long work reports its stages on stderr
+(``graphprune: tracing ...``) when stderr is a terminal, or always with ``--progress``;
+``--quiet`` silences them. A reader that stops early (``| head``) ends the command quietly,
+with status 141 like other Unix tools.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +32,20 @@ from torch import nn
 from .errors import GraphpruneError, InvalidArgumentError
 from .plan import PlanConfig
 from .scoring import SCORERS
+from .sources import RandomWeightsWarning
 
 PROG = "graphprune"
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, what `yes | head` reports for `yes`
+# create_model arguments that only say where weights come from (with --pretrained); never recorded in a save
+_FETCH_KWARGS = frozenset({"pretrained_cfg_overlay", "cache_dir"})
+_SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
 
 _EPILOG = """\
 examples:
   graphprune prune resnet18 -o resnet18-30 --ratio 0.3 --num-classes 10 --input-size 3,224,224
+  graphprune prune resnet18.a1_in1k --pretrained -o r18-30 --ratio 0.3   # timm's weights (hub or cache)
+  graphprune prune resnet18 --checkpoint weights.safetensors -o r18-30 --ratio 0.3
   graphprune prune vit_small_patch16_224 -o vit-half --ratio 0.5 --model-kwargs '{"img_size": 64}'
   graphprune prune resnet18-30 -o resnet18-50 --ratio 0.3     # prune a saved model again
   graphprune prune resnet50 -o resnet50-f30 --flops-reduction 0.3 --no-latency
@@ -39,7 +53,8 @@ examples:
   graphprune inspect efficientnet_b0 --input-size 3,64,64
 
 MODEL is a directory written by graphprune (model.safetensors + graphprune.json) or a timm
-model name, created with pretrained=False. Exit status: 0 ok, 2 bad input, 1 unexpected error.
+model name (random weights unless --pretrained or --checkpoint). Exit status: 0 ok, 2 bad
+input, 1 unexpected error, 141 output pipe closed early.
 """
 
 
@@ -88,35 +103,40 @@ def _parse_kwargs(text: str) -> dict[str, Any]:
     return value
 
 
-def load_model(source: str, *, num_classes: int | None = None,
-               model_kwargs: dict[str, Any] | None = None) -> LoadedModel:
-    """A saved graphprune directory, or a timm model created with ``pretrained=False``.
+def load_model(source: str, *, num_classes: int | None = None, model_kwargs: dict[str, Any] | None = None,
+               pretrained: bool = False, checkpoint: str | os.PathLike | None = None) -> LoadedModel:
+    """A saved graphprune directory, or a timm model, with weights from ``pretrained`` or ``checkpoint``.
 
     Args:
-        source: a path to a saved model or a timm model name.
+        source: a path to a saved model, a timm model name (``resnet18``, ``resnet18.a1_in1k``)
+            or a timm source (``hf-hub:...``, ``local-dir:...``).
         num_classes: classifier size for a timm name (a saved model keeps its own).
-        model_kwargs: more ``timm.create_model`` keyword arguments for a timm name.
+        model_kwargs: more ``timm.create_model`` keyword arguments for a timm name;
+            ``pretrained_cfg_overlay`` / ``cache_dir`` only with ``pretrained``.
+        pretrained: timm's pretrained weights (:func:`graphprune.sources.create_model`).
+        checkpoint: a local safetensors file or torch state dict to load instead.
 
     Raises:
         InvalidArgumentError: an unknown model name, or options that do not apply.
         graphprune.io.ModelFileError: a saved model that cannot be read.
+        graphprune.sources.PretrainedWeightsError: pretrained weights that cannot be fetched.
 
     Example:
         >>> load_model("resnet18", num_classes=3).model.fc.out_features
         3
     """
-    from . import io
+    from . import io, sources
 
     path = Path(source)
-    if path.exists():
-        if num_classes is not None or model_kwargs:
-            raise InvalidArgumentError(f"--num-classes/--model-kwargs apply to timm model names, not to the saved "
-                                       f"model {source}")
+    if not source.startswith(_SOURCE_PREFIXES) and path.exists():
+        if num_classes is not None or model_kwargs or pretrained or checkpoint is not None:
+            raise InvalidArgumentError(f"--num-classes/--model-kwargs/--pretrained/--checkpoint apply to timm model "
+                                       f"names, not to the saved model {source}")
         model = io.load(path)
         return LoadedModel(model, source, getattr(model, io.ARCHITECTURE_ATTR))
     import timm
 
-    if not timm.is_model(source):
+    if not source.startswith(_SOURCE_PREFIXES) and not timm.is_model(source):
         import difflib
 
         close = difflib.get_close_matches(source, timm.list_models(), n=3)
@@ -124,12 +144,19 @@ def load_model(source: str, *, num_classes: int | None = None,
         raise io.ModelFileNotFoundError(f"{source!r} is neither a saved model (no such file or directory) "
                                         f"nor a timm model name{hint}")
     kwargs = dict(model_kwargs or {})
+    for key, option in (("pretrained", "--pretrained"), ("checkpoint_path", "--checkpoint PATH")):
+        if key in kwargs:
+            raise InvalidArgumentError(f"--model-kwargs may not set {key}; use {option}")
+    fetch = {k: kwargs.pop(k) for k in sorted(_FETCH_KWARGS & set(kwargs))}
+    if fetch and not pretrained:
+        raise InvalidArgumentError(f"--model-kwargs {sorted(fetch)} say where pretrained weights come from; "
+                                   "they need --pretrained")
     if num_classes is not None:
         if num_classes < 0:
             raise InvalidArgumentError(f"--num-classes must be >= 0, got {num_classes}")
         kwargs["num_classes"] = num_classes
-    architecture = io.Architecture.from_dict({"timm": source, "kwargs": kwargs})
-    model = io.build_model(architecture).eval()
+    architecture = io.Architecture.from_dict({"timm": source, "kwargs": kwargs})  # JSON values, no file arguments
+    model = sources.create_model(source, pretrained=pretrained, checkpoint=checkpoint, **kwargs, **fetch).eval()
     recipe = io.infer_architecture(model).to_dict()
     recipe["kwargs"] = {**recipe["kwargs"], **architecture.kwargs}
     return LoadedModel(model, source, recipe)
@@ -170,6 +197,41 @@ def check_runs(loaded: LoadedModel, inputs: torch.Tensor) -> None:
                                    f"(set --input-size): {type(error).__name__}: {error}") from error
 
 
+@dataclass
+class Progress:
+    """Stage lines on stderr, ``graphprune: tracing ... [1.2 s]`` (the time since the command started).
+
+    Attributes:
+        enabled: print them; off, calls do nothing.
+        started: ``time.perf_counter()`` when the command started.
+
+    Example:
+        >>> Progress(enabled=False)("tracing")  # prints nothing
+    """
+
+    enabled: bool
+    started: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, stage: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            print(f"{PROG}: {stage} ... [{time.perf_counter() - self.started:.1f} s]", file=sys.stderr, flush=True)
+        except OSError:  # a closed stderr is no reason to stop the work
+            self.enabled = False
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    return getattr(args, "report", None) or Progress(enabled=False)
+
+
+def _load(args: argparse.Namespace) -> LoadedModel:
+    how = " (pretrained)" if args.pretrained else f" with {args.checkpoint}" if args.checkpoint else ""
+    _progress(args)(f"loading {args.model}{how}")
+    return load_model(args.model, num_classes=args.num_classes, model_kwargs=args.model_kwargs,
+                      pretrained=args.pretrained, checkpoint=args.checkpoint)
+
+
 def _measure(model: nn.Module, inputs: torch.Tensor, *, latency: bool):
     from .measurement import measure
 
@@ -186,21 +248,85 @@ def _prune_target(args: argparse.Namespace) -> dict[str, Any]:
     return target
 
 
+def _check_output(output: Path, *, force: bool) -> None:
+    """Before the slow part: OUTPUT is new or empty, or (with ``--force``) an earlier save."""
+    from . import io
+
+    io.check_target(output)  # the parent exists; OUTPUT is not a file or foreign directory
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise InvalidArgumentError(f"{output} already holds a saved model; pass --force to replace it, "
+                                   "or choose a new OUTPUT")
+
+
+def prune_in_stages(model: nn.Module, inputs: torch.Tensor, args: argparse.Namespace,
+                    report: Progress) -> nn.Module:
+    """:func:`graphprune.prune_` spelled out as its verbs, with a stage line before each.
+
+    Args:
+        model: pruned in place.
+        inputs: the example input.
+        args: ``ratio`` / ``flops_reduction``, ``scope``, ``round_to``, ``scorer``, ``ignore``.
+        report: where the stage lines go.
+
+    Returns:
+        ``model``, pruned, with the plan recorded for :func:`graphprune.save`.
+
+    Example:
+        >>> import timm
+        >>> args = build_parser().parse_args(["prune", "test_resnet", "-o", "x", "--ratio", "0.5"])
+        >>> model = prune_in_stages(timm.create_model("test_resnet"), torch.randn(1, 3, 32, 32), args,
+        ...                         Progress(enabled=False))
+        >>> model.fc.in_features
+        48
+    """
+    from . import api
+    from ._runtime import paused_gc
+    from .groups import find_groups
+    from .plan import make_plan
+    from .removal import apply_plan_
+    from .scoring import get_scorer
+    from .tracer import trace
+
+    target = _prune_target(args)
+    api._check_target(target.get("ratio"), target.get("flops_reduction"))
+    scorer = get_scorer(args.scorer)
+    with paused_gc():
+        report(f"tracing on an input of shape {tuple(inputs.shape)}")
+        groups = find_groups(trace(model, (inputs,)), ignore=args.ignore or (), model=model)
+        report(f"scoring {len(groups.all)} channel groups ({args.scorer})")
+        scores = scorer(groups, model)
+        if args.flops_reduction is None:
+            report(f"planning: {args.ratio:g} of each group's channels ({args.scope})")
+            plan = make_plan(groups, scores, ratio=args.ratio, config=target["config"])
+            report("removing and verifying that the pruned model runs")
+            applied, _ = api.apply_verified_(model, groups, plan, (inputs,))
+        else:
+            report(f"planning for {args.flops_reduction:.0%} fewer MACs, verified and measured on a copy")
+            applied = api._plan_for_flops(model, groups, scores, (inputs,), args.flops_reduction, target["config"])
+            report("removing")
+            apply_plan_(model, applied)
+    api.record_plan(model, applied)
+    return model
+
+
 def _cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from . import api, io
     from .measurement import compare
 
+    report = _progress(args)
     output = Path(args.output)
-    io.check_target(output)  # before the slow part
-    loaded = load_model(args.model, num_classes=args.num_classes, model_kwargs=args.model_kwargs)
+    _check_output(output, force=args.force)
+    loaded = _load(args)
     inputs = example_inputs(loaded, args.input_size)
     check_runs(loaded, inputs)
+    report(f"measuring {args.model}")
     before = _measure(loaded.model, inputs, latency=args.latency)
-    target = _prune_target(args)
-    pruned = api.prune(loaded.model, inputs, scorer=args.scorer, ignore=args.ignore or (), **target)
+    pruned = prune_in_stages(loaded.model, inputs, args, report)
+    report("measuring the pruned model")
     after = _measure(pruned, inputs, latency=args.latency)
     architecture = dict(loaded.architecture)
     architecture.setdefault("input_size", list(inputs.shape[1:]))
+    report(f"saving to {output}")
     io.save(pruned, output, architecture=architecture)
     table = compare(before, after)
     return {"model": loaded.source, "output": str(output), "ratio": args.ratio,
@@ -210,9 +336,10 @@ def _cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_measure(args: argparse.Namespace) -> dict[str, Any]:
-    loaded = load_model(args.model, num_classes=args.num_classes, model_kwargs=args.model_kwargs)
+    loaded = _load(args)
     inputs = example_inputs(loaded, args.input_size)
     check_runs(loaded, inputs)
+    _progress(args)(f"measuring {args.model}")
     result = _measure(loaded.model, inputs, latency=args.latency)
     values = result.to_dict()
     values.pop("macs_by_module")
@@ -230,8 +357,9 @@ def _cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     from .groups import find_groups
     from .tracer import trace
 
-    loaded = load_model(args.model, num_classes=args.num_classes, model_kwargs=args.model_kwargs)
+    loaded = _load(args)
     inputs = example_inputs(loaded, args.input_size)
+    _progress(args)(f"tracing on an input of shape {tuple(inputs.shape)}")
     groups = find_groups(trace(loaded.model, inputs), ignore=args.ignore or (), model=loaded.model)
     listed = [{"id": g.id, "name": g.name, "channels": g.size, "prunable": int(g.prunable.sum()),
                "members": [{"name": m.name, "dim": m.dim, "role": m.role} for m in g.members]} for g in groups.all]
@@ -244,6 +372,9 @@ def _common() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     common.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
+    common.add_argument("--progress", action="store_true",
+                        help="print stage lines on stderr even when it is not a terminal")
+    common.add_argument("-q", "--quiet", action="store_true", help="no stage lines and no warnings")
     return common
 
 
@@ -254,6 +385,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, metavar="N", help="classifier size when MODEL is a timm name")
     parser.add_argument("--model-kwargs", type=_parse_kwargs, metavar="JSON",
                         help='more timm.create_model arguments, e.g. \'{"img_size": 64}\'')
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help="timm's pretrained weights for a timm name, loaded the timm way (hub or cache, "
+                              "hf-hub:, local-dir:, --model-kwargs '{\"pretrained_cfg_overlay\": {\"file\": ...}}')")
+    weights.add_argument("--checkpoint", metavar="PATH",
+                         help="weights for a timm name from a local .safetensors file or torch state dict "
+                              "(read with weights_only=True); keys must match")
 
 
 def _add_prune(subparsers, common: argparse.ArgumentParser) -> None:
@@ -262,7 +400,9 @@ def _add_prune(subparsers, common: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Prune MODEL, save it to OUTPUT (a directory) and print the before/after table.")
     _add_model_options(parser)
-    parser.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="directory to write")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                        help="directory to write (new or empty, unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier save at OUTPUT")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
     target.add_argument("--flops-reduction", type=float, metavar="F",
@@ -310,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, parents=[common], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Structural pruning of timm / PyTorch models: remove channels and heads, "
                                  "save without pickle, measure the result.")
+    parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     _add_prune(subparsers, common)
@@ -318,9 +459,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"{PROG} {__version__} (torch {torch.__version__}, timm {of('timm')})"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """graphprune's own warnings as one line, ``graphprune: warning: ...``; others as Python shows them."""
+    if issubclass(category, RandomWeightsWarning):
+        print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _write_result(text: str) -> int:
+    """Print the result; a reader that went away (``| head``) ends the command quietly."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # the interpreter flushes stdout again at exit; point it at /dev/null first
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_CLOSED_PIPE
+    return EXIT_OK
+
+
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -333,18 +517,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    quiet = "-q" in argv or "--quiet" in argv
     try:
         with warnings.catch_warnings():
             if not debug:
                 warnings.simplefilter("ignore")
+            if not quiet:
+                warnings.simplefilter("always", RandomWeightsWarning)
+            warnings.showwarning = _show_warning  # catch_warnings puts the original back
             try:
                 args = build_parser().parse_args(argv)
-            except SystemExit as done:  # --help
+            except SystemExit as done:  # --help, --version
                 return int(done.code or 0)
+            args.report = Progress(enabled=not args.quiet and (args.progress or _is_terminal(sys.stderr)))
             result = args.run(args)
         text = result.pop("_text")
-        print(json.dumps(result, indent=2, allow_nan=False) if args.json else text)
-        return EXIT_OK
+        return _write_result(json.dumps(result, indent=2, allow_nan=False) if args.json else text)
     except (GraphpruneError, ValueError, FileNotFoundError) as error:
         if debug:
             traceback.print_exc()

@@ -191,14 +191,21 @@ def load_checkpoint_(model: nn.Module, path: str | os.PathLike, *, new_head: boo
         expected = {k: v for k, v in expected.items() if k not in heads}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs the model's {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    wrong = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs the model's {tuple(expected[k].shape)}" for k in wrong]
     if missing or unexpected or mismatched:
         problems = [f"{label} {_listed(keys)}" for label, keys in
                     (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if keys]
-        hint = "" if new_head else "; a checkpoint with another head needs num_classes= (CLI: --num-classes)"
+        classifier = tuple(f"{name}." for name in classifier_names(model))
+        if wrong and all(k.startswith(classifier) for k in wrong) and not new_head:
+            hint = "; the checkpoint has another head: give num_classes= (CLI: --num-classes) for a new one"
+        elif wrong:
+            hint = ("; is it another architecture, or a pruned model? A model pruned by graphprune loads from "
+                    "its saved directory (graphprune.load, or the directory as MODEL)")
+        else:
+            hint = ""
         raise InvalidArgumentError(f"checkpoint {path} does not fit {type(model).__name__}: {'; '.join(problems)}"
-                                   f"{hint if mismatched else ''}")
+                                   f"{hint}")
     model.load_state_dict(state, strict=not new_head)
     return model
 

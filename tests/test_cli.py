@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -161,6 +162,20 @@ BAD_INPUTS = (
              argv=lambda env: ["measure", str(env / "saved"), "--num-classes", "3"]),
     BadInput("cli-bad-model-kwargs", "JSON object", argv=lambda env: ["measure", MODEL, "--model-kwargs", "{oops"]),
     BadInput("cli-unknown-command", "invalid choice", argv=lambda env: ["shrink", MODEL]),
+    BadInput("cli-output-is-a-save", "already holds a saved model; pass --force",
+             argv=lambda env: ["prune", str(env / "saved"), "-o", str(env / "saved"), "--ratio", "0.3"]),
+    BadInput("cli-pretrained-and-checkpoint", "not allowed with",
+             argv=lambda env: ["measure", MODEL, "--pretrained", "--checkpoint", str(env / "weights.pt")]),
+    BadInput("cli-checkpoint-on-saved-model", "apply to timm model names",
+             argv=lambda env: ["measure", str(env / "saved"), "--checkpoint", str(env / "weights.pt")]),
+    BadInput("cli-pretrained-in-model-kwargs", "may not set pretrained; use --pretrained",
+             argv=lambda env: ["measure", MODEL, "--model-kwargs", '{"pretrained": true}']),
+    BadInput("cli-overlay-without-pretrained", "need --pretrained",
+             argv=lambda env: ["measure", MODEL, "--model-kwargs", '{"pretrained_cfg_overlay": {"file": "w"}}']),
+    BadInput("cli-checkpoint-does-not-fit", r"does not fit ResNet: mismatched conv1.*or a pruned model\?",
+             argv=lambda env: ["measure", MODEL, "--checkpoint", str(env / "weights.pt"), "--no-latency"]),
+    BadInput("cli-checkpoint-missing", "does not exist",
+             argv=lambda env: ["measure", MODEL, "--checkpoint", str(env / "missing.safetensors")]),
 )
 
 
@@ -278,3 +293,96 @@ def test_command_in_a_fresh_process(tmp_path: Path):
     assert bad.returncode == cli.EXIT_BAD_INPUT
     assert bad.stderr == "graphprune: error: ratio must be a number in [0, 1), got 1.0\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_from_a_checkpoint_gives_the_weights_of_the_api(tmp_path: Path, capsys):
+    """The issue's must-show: a timm resnet18 saved with safetensors, pruned by the CLI and by Python."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    model = timm.create_model("resnet18")
+    save_file(model.state_dict(), tmp_path / "W.safetensors")
+    status = cli.main(["prune", "resnet18", "--checkpoint", str(tmp_path / "W.safetensors"), "--ratio", "0.3",
+                       "-o", str(tmp_path / "OUT"), "--no-latency"])
+    assert status == 0, capsys.readouterr().err
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))  # the CLI's example input
+    expected = gp.prune(model.eval(), x, ratio=0.3).state_dict()
+    got = gio.load(tmp_path / "OUT").state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert got["fc.weight"].shape[1] < model.fc.in_features
+
+
+def test_pretrained_the_timm_way_matches_the_checkpoint(tmp_path: Path, capsys):
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model(MODEL).state_dict(), tmp_path / "w.safetensors")  # timm's 1000 classes
+    overlay = json.dumps({"pretrained_cfg_overlay": {"file": str(tmp_path / "w.safetensors")}})
+    common = ["--input-size", SIZE, "--ratio", "0.5", "--no-latency"]
+    assert cli.main(["prune", MODEL, "--pretrained", "--model-kwargs", overlay, "-o", str(tmp_path / "a"), *common]) == 0
+    assert cli.main(["prune", MODEL, "--checkpoint", str(tmp_path / "w.safetensors"), "-o", str(tmp_path / "b"),
+                     *common]) == 0
+    a, b = gio.load(tmp_path / "a").state_dict(), gio.load(tmp_path / "b").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((tmp_path / "a" / gio.RECORD_FILE).read_text())
+    assert record["architecture"]["kwargs"] == {"num_classes": 1000}  # where the weights came from is not recorded
+
+
+def test_tagged_name_without_weights_warns_on_stderr(capsys):
+    argv = ["measure", "test_resnet.r160_in1k", "--input-size", SIZE, "--no-latency"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("graphprune: warning: 'test_resnet.r160_in1k' names pretrained weights")
+    assert "random" in err and err.count("\n") == 1
+    assert cli.main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_offline_pretrained_fails_with_what_to_do(tmp_path: Path):
+    done = subprocess.run([sys.executable, "-m", "graphprune.cli", "prune", "resnet18.a1_in1k", "--pretrained",
+                           "-o", str(tmp_path / "o"), "--ratio", "0.3"], capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == cli.EXIT_BAD_INPUT
+    assert done.stderr.startswith("graphprune: error: cannot get pretrained weights for 'resnet18.a1_in1k'")
+    assert "--checkpoint PATH" in done.stderr and done.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_an_earlier_save(env: Path, capsys):
+    before = count_params(gio.load(env / "saved"))
+    argv = ["prune", str(env / "saved"), "-o", str(env / "saved"), "--ratio", "0.3", "--no-latency"]
+    assert cli.main([*argv, "--force"]) == 0, capsys.readouterr().err
+    assert count_params(gio.load(env / "saved")) < before
+    (env / "empty").mkdir()
+    assert cli.main(["prune", MODEL, "-o", str(env / "empty"), "--input-size", SIZE, "--ratio", "0.3",
+                     "--no-latency"]) == 0
+    assert gio.load(env / "empty").graphprune_plans
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"graphprune {gp.__version__} (torch {torch.__version__}, timm {timm.__version__})")
+
+
+def test_progress_reports_each_stage_on_stderr(tmp_path: Path, capsys):
+    argv = ["prune", MODEL, "-o", str(tmp_path / "a"), "--input-size", SIZE, "--ratio", "0.5", "--no-latency",
+            "--json", "--progress"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout stays one JSON document
+    stages = [re.sub(r"[ :].*", "", line.removeprefix("graphprune: ")) for line in captured.err.splitlines()]
+    assert stages == ["loading", "measuring", "tracing", "scoring", "planning", "removing", "measuring", "saving"]
+    assert all(re.search(r" \.\.\. \[\d+\.\d s\]$", line) for line in captured.err.splitlines())
+    assert cli.main([*argv[:-2], "--quiet", "--progress", "-o", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_closed_pipe_ends_quietly():
+    """``graphprune inspect X | head``: the reader leaves before the output is written."""
+    done = subprocess.Popen([sys.executable, "-m", "graphprune.cli", "inspect", MODEL, "--input-size", SIZE],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done.stdout.close()
+    _, err = done.communicate(timeout=120)
+    assert err.decode() == ""
+    assert done.returncode == cli.EXIT_CLOSED_PIPE

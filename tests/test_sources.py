@@ -104,7 +104,7 @@ def _without(state: dict, *names: str) -> dict:
     (lambda s: _without(s, "fc.bias"), r"missing fc\.bias"),
     (lambda s: s | {"extra.weight": torch.zeros(1)}, r"unexpected extra\.weight"),
     (lambda s: s | {"fc.weight": torch.zeros(3, s["fc.weight"].shape[1])},
-     r"mismatched fc\.weight \(3, \d+\) vs the model's \(1000, \d+\).*--num-classes"),
+     r"mismatched fc\.weight \(3, \d+\) vs the model's \(1000, \d+\); the checkpoint has another head.*--num-classes"),
     (lambda s: {"fc.weight": "a string"}, r"not tensors"),
 ])
 def test_checkpoint_keys_must_match_exactly(edit, match: str, tmp_path: Path):
