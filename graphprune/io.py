@@ -9,7 +9,8 @@ A pruned model is saved as a **directory** with two files::
 ``graphprune.json`` holds (``"format": "graphprune.model/1"``):
 
 * ``architecture``: ``{"timm": name, "kwargs": {...}, "input_size": [C, H, W]}``; the base is
-  ``timm.create_model(name, pretrained=False, **kwargs)``. ``input_size`` is optional and only
+  ``timm.create_model(name, pretrained=False, **kwargs)``. Or ``{"factory": "module:function",
+  "kwargs": {...}}`` for a model timm cannot build. ``input_size`` is optional and only
   tells tools (the CLI) which example input the model is meant for.
 * ``plans``: the plans of ``model.graphprune_plans``, in the order they were applied: channel
   plans (``graphprune.plan/2``) and block plans (``graphprune.blocks/1``, :mod:`graphprune.blocks`).
@@ -28,8 +29,12 @@ directory get the modes the umask gives any new file, e.g. 0644 and 0755); on an
 nothing is left behind and an existing save is kept. (Replacing a save takes two renames:
 a crash between them leaves the old save in a hidden ``.<name>.*.old`` directory beside it.)
 
-Only timm architectures can be rebuilt (format 1); ``dropout``-like kwargs that do not
-change shapes are not inferred, pass ``architecture=`` to record them.
+timm architectures are rebuilt by name; other models by the factory named when saving
+(``save(model, path, factory="torchvision.models:resnet18")``, see
+:mod:`graphprune.factories`): torchvision's builders load anywhere, any other factory only
+where the loader allows it by name (``load(path, allow_factories=[...])``), so a file never
+chooses what code is imported. ``dropout``-like kwargs that do not change shapes are not
+inferred; pass ``architecture=`` to record them.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,17 +83,24 @@ class ModelFileNotFoundError(ModelFileError, FileNotFoundError):
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to build the unpruned base model.
+    """How to build the unpruned base model: a timm name, or a factory (:mod:`graphprune.factories`).
 
     Attributes:
-        timm: a timm model name, e.g. ``"resnet18"``.
-        kwargs: keyword arguments for ``timm.create_model`` (JSON values only).
+        timm: a timm model name, e.g. ``"resnet18"``; ``None`` when ``factory`` builds it.
+        kwargs: keyword arguments for ``timm.create_model`` or the factory (JSON values only).
         input_size: ``(C, H, W)`` the model is meant for, or ``None`` for timm's default.
+        factory: instead of ``timm``: ``"module:function"``, e.g. ``"torchvision.models:resnet18"``.
     """
 
-    timm: str
+    timm: str | None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     input_size: tuple[int, ...] | None = None
+    factory: str | None = None
+
+    @property
+    def name(self) -> str:
+        """What builds the base, for messages: ``timm resnet18`` or ``torchvision.models:resnet18``."""
+        return f"timm {self.timm}" if self.timm is not None else str(self.factory)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, the form :func:`save` takes as ``architecture=``.
@@ -97,25 +109,33 @@ class Architecture:
             >>> Architecture("resnet18", {"num_classes": 10}).to_dict()
             {'timm': 'resnet18', 'kwargs': {'num_classes': 10}}
         """
-        out: dict[str, Any] = {"timm": self.timm, "kwargs": dict(self.kwargs)}
+        out: dict[str, Any] = ({"timm": self.timm} if self.timm is not None else {"factory": self.factory})
+        out["kwargs"] = dict(self.kwargs)
         if self.input_size is not None:
             out["input_size"] = list(self.input_size)
         return out
 
     @staticmethod
     def from_dict(data: object) -> Architecture:
-        """Validate ``{"timm": name, "kwargs": {...}, "input_size": [C, H, W]}``.
+        """Validate ``{"timm": name | "factory": "module:function", "kwargs": {...}, "input_size": [C, H, W]}``.
 
         Example:
             >>> Architecture.from_dict({"timm": "resnet18"}).kwargs
             {}
+            >>> Architecture.from_dict({"factory": "torchvision.models:resnet18"}).name
+            'torchvision.models:resnet18'
         """
-        if not isinstance(data, Mapping) or not isinstance(data.get("timm"), str) or not data["timm"]:
-            raise InvalidArgumentError(f'architecture must look like {{"timm": "resnet18", "kwargs": {{...}}}}, '
-                                       f"got {data!r}")
-        unknown = sorted(set(data) - {"timm", "kwargs", "input_size"})
+        from . import factories
+
+        named = [k for k in ("timm", "factory") if isinstance(data, Mapping) and k in data]
+        if len(named) != 1 or (named == ["timm"] and (not isinstance(data["timm"], str) or not data["timm"])):
+            raise InvalidArgumentError(f'architecture must look like {{"timm": "resnet18", "kwargs": {{...}}}} or '
+                                       f'{{"factory": "torchvision.models:resnet18", "kwargs": {{...}}}}, got {data!r}')
+        unknown = sorted(set(data) - {"timm", "factory", "kwargs", "input_size"})
         if unknown:
-            raise InvalidArgumentError(f"architecture has unknown keys {unknown}; known: timm, kwargs, input_size")
+            raise InvalidArgumentError(f"architecture has unknown keys {unknown}; known: timm or factory, kwargs, "
+                                       "input_size")
+        factory = factories.check_name(data["factory"]) if named == ["factory"] else None
         kwargs = data.get("kwargs") or {}
         if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
             raise InvalidArgumentError(f"architecture kwargs must be a dict with string keys, got {kwargs!r}")
@@ -123,6 +143,8 @@ class Architecture:
         if refused:
             raise InvalidArgumentError(f"architecture kwargs may not contain {refused}: the base is always built "
                                        "with pretrained=False from no file, and only the saved weights are loaded")
+        if factory is not None:
+            factories.check_kwargs(kwargs)
         try:
             kwargs = json.loads(json.dumps(dict(kwargs), allow_nan=False))
         except (TypeError, ValueError) as error:
@@ -133,7 +155,7 @@ class Architecture:
                     or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
                 raise InvalidArgumentError(f"architecture input_size must be positive ints, got {size!r}")
             size = tuple(size)
-        return Architecture(data["timm"], kwargs, size)
+        return Architecture(data.get("timm"), kwargs, size, factory)
 
 
 def infer_architecture(model: nn.Module) -> Architecture:
@@ -160,7 +182,8 @@ def infer_architecture(model: nn.Module) -> Architecture:
     if not name:
         raise InvalidArgumentError(
             f"{type(model).__name__} is not a timm model (no pretrained_cfg['architecture']), so graphprune cannot "
-            'record how to rebuild it; pass architecture={"timm": name, "kwargs": {...}} for a timm equivalent')
+            'record how to rebuild it; name what built it, e.g. factory="torchvision.models:resnet18" (kwargs with '
+            'architecture={"factory": ..., "kwargs": {...}}), or pass architecture={"timm": name, "kwargs": {...}}')
     kwargs: dict[str, Any] = {}
     num_classes = _num_classes(model)
     if num_classes is not None:
@@ -194,39 +217,58 @@ def _num_classes(model: nn.Module) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, device: str = "cpu") -> nn.Module:
-    """Create the base with ``pretrained=False`` and re-apply ``plans`` in order (no tracing).
+def _constructor(architecture: Architecture, allow_factories: Iterable[str]) -> Callable[..., nn.Module]:
+    """What builds the base: ``timm.create_model(name, pretrained=False, ...)`` or an allowed factory."""
+    if architecture.factory is not None:
+        from . import factories
 
-    Args:
-        architecture: the recipe.
-        plans: plans to re-apply, oldest first.
-        device: ``"meta"`` builds shapes only (falls back to CPU for models that cannot).
-
-    Raises:
-        ModelFileError: unknown architecture, bad kwargs, or a plan that does not fit.
-
-    Example:
-        >>> build_model(Architecture("resnet18", {"num_classes": 3}), device="meta").fc.out_features
-        3
-    """
+        try:
+            return factories.resolve(architecture.factory, allowed=allow_factories)
+        except InvalidArgumentError as error:
+            raise ModelFileError(str(error)) from error
     import timm
 
     if not timm.is_model(architecture.timm):
         close = difflib.get_close_matches(architecture.timm, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
         raise ModelFileError(f"unknown timm architecture {architecture.timm!r}{hint}")
+    return lambda **kwargs: timm.create_model(architecture.timm, pretrained=False, **kwargs)
+
+
+def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, device: str = "cpu",
+                allow_factories: Iterable[str] = ()) -> nn.Module:
+    """Create the base (``pretrained=False``, or the factory without weights) and re-apply ``plans`` in order.
+
+    Args:
+        architecture: the recipe.
+        plans: plans to re-apply, oldest first (no tracing).
+        device: ``"meta"`` builds shapes only (falls back to CPU for models that cannot).
+        allow_factories: factory names that may be imported besides torchvision's builders
+            (:func:`graphprune.factories.resolve`).
+
+    Raises:
+        ModelFileError: unknown architecture or factory, one not allowed, bad kwargs, or a
+            plan that does not fit.
+
+    Example:
+        >>> build_model(Architecture("resnet18", {"num_classes": 3}), device="meta").fc.out_features
+        3
+    """
+    make = _constructor(architecture, allow_factories)
     kwargs = dict(architecture.kwargs)
     try:
         if device == "meta":
             try:
                 with torch.device("meta"):
-                    model = timm.create_model(architecture.timm, pretrained=False, **kwargs)
+                    model = make(**kwargs)
             except (RuntimeError, NotImplementedError):  # an __init__ that reads tensor values
-                model = timm.create_model(architecture.timm, pretrained=False, **kwargs)
+                model = make(**kwargs)
         else:
-            model = timm.create_model(architecture.timm, pretrained=False, **kwargs)
+            model = make(**kwargs)
     except (TypeError, ValueError, AssertionError) as error:
-        raise ModelFileError(f"cannot create timm model {architecture.timm!r} with kwargs {kwargs}: {error}") from error
+        raise ModelFileError(f"cannot create {architecture.name} with kwargs {kwargs}: {error}") from error
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(f"{architecture.name} returned a {type(model).__name__}, not an nn.Module")
     from .blocks import BlockPlan, apply_block_plan_
 
     for number, plan in enumerate(plans, start=1):
@@ -236,7 +278,7 @@ def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, dev
             else:
                 apply_plan_(model, plan)
         except InvalidArgumentError as error:
-            raise ModelFileError(f"plan {number} of {len(plans)} does not fit a fresh {architecture.timm} "
+            raise ModelFileError(f"plan {number} of {len(plans)} does not fit a fresh {architecture.name} "
                                  f"{kwargs}: {error}") from error
     return model
 
@@ -405,16 +447,22 @@ def _umask() -> int:
     return mask
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str, Any] | None = None) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str, Any] | None = None,
+         factory: str | None = None) -> Path:
     """Write ``model`` (pruned or not) to the directory ``path``: weights plus rebuild record.
 
     Args:
-        model: a timm model, possibly pruned by graphprune (its ``graphprune_plans`` are saved).
+        model: a timm model, or one built by ``factory``, possibly pruned by graphprune (its
+            ``graphprune_plans`` are saved).
         path: the directory to create; an existing graphprune save there is replaced
             atomically, an empty directory is filled, anything else there is refused.
-        architecture: ``{"timm": name, "kwargs": {...}, "input_size": [C, H, W]}`` to build
-            the base; default: the record :func:`load` left on the model, else
-            :func:`infer_architecture`.
+        architecture: ``{"timm": name, "kwargs": {...}, "input_size": [C, H, W]}`` (or
+            ``{"factory": ..., "kwargs": ...}``) to build the base; default: the record
+            :func:`load` left on the model, else :func:`infer_architecture`.
+        factory: shortcut for ``architecture={"factory": factory}``: the ``"module:function"``
+            that built the model with no arguments, e.g. ``"torchvision.models:resnet18"``
+            (see :mod:`graphprune.factories`; a factory other than torchvision's must be
+            allowed again when loading).
 
     Returns:
         The directory written.
@@ -432,17 +480,29 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
         ['graphprune.json', 'model.safetensors']
         >>> load(folder).fc.in_features
         256
+        >>> import torchvision
+        >>> net = gp.prune(torchvision.models.resnet18(num_classes=4), torch.randn(1, 3, 32, 32), ratio=0.5)
+        >>> folder = save(net, tempfile.mkdtemp() + "/tv", architecture={"factory": "torchvision.models:resnet18",
+        ...                                                               "kwargs": {"num_classes": 4}})
+        >>> load(folder).fc.in_features
+        256
     """
     target = Path(path)
+    if factory is not None:
+        if architecture is not None:
+            raise InvalidArgumentError('give architecture= or factory=, not both (kwargs go in architecture={"factory": '
+                                       '..., "kwargs": {...}})')
+        architecture = {"factory": factory}
     arch = Architecture.from_dict(architecture) if architecture is not None else infer_architecture(model)
     plans = _plans_of(model)
     state = model.state_dict(keep_vars=True)
     tensors = _tensor_record(state)
-    rebuilt = build_model(arch, plans, device="meta").state_dict()
+    own = (arch.factory,) if arch.factory is not None else ()  # the caller named it: saving may import it
+    rebuilt = build_model(arch, plans, device="meta", allow_factories=own).state_dict()
     problems = _shape_differences(_shapes_only(tensors), _shapes_only(_tensor_record(rebuilt)))
     if problems:
         raise ModelFileError(
-            f"cannot save: timm {arch.timm} {dict(arch.kwargs)} with the model's {len(plans)} plan(s) re-applied does "
+            f"cannot save: {arch.name} {dict(arch.kwargs)} with the model's {len(plans)} plan(s) re-applied does "
             f"not have this model's tensors ({'; '.join(problems)}); was the model changed outside graphprune "
             '(e.g. a new head)? pass architecture={"timm": ..., "kwargs": {...}} with the creation arguments')
     stored, tied = _split_tied(state)
@@ -587,16 +647,19 @@ def _resolve(path: Path) -> Path:
     raise ModelFileError(f"{path} is not a graphprune model directory")
 
 
-def load(path: str | os.PathLike) -> nn.Module:
+def load(path: str | os.PathLike, *, allow_factories: Iterable[str] = ()) -> nn.Module:
     """Rebuild a model written by :func:`save`, in eval mode, without unpickling anything.
 
-    Builds ``timm.create_model(name, pretrained=False, **kwargs)``, re-applies the saved
-    plans in order, checks every tensor shape and dtype against ``graphprune.json``, then
-    loads ``model.safetensors`` with ``strict=True``. The model's ``graphprune_plans`` and
-    ``graphprune_architecture`` are restored, so it can be pruned again and saved again.
+    Builds ``timm.create_model(name, pretrained=False, **kwargs)`` (or the record's factory),
+    re-applies the saved plans in order, checks every tensor shape and dtype against
+    ``graphprune.json``, then loads ``model.safetensors`` with ``strict=True``. The model's
+    ``graphprune_plans`` and ``graphprune_architecture`` are restored, so it can be pruned
+    again and saved again.
 
     Args:
         path: the directory (or either file in it).
+        allow_factories: factory names (``"module:function"``) the record may name besides
+            torchvision's model builders; any other factory is refused before it is imported.
 
     Raises:
         ModelFileNotFoundError: the path or one of its files does not exist.
@@ -636,11 +699,11 @@ def load(path: str | os.PathLike) -> nn.Module:
         plans = tuple(parse_edit(json.dumps(plan)) for plan in record["plans"])
     except InvalidArgumentError as error:
         raise ModelFileError(f"{directory / RECORD_FILE}: {error}") from error
-    model = build_model(arch, plans)
+    model = build_model(arch, plans, allow_factories=allow_factories)
     live = model.state_dict(keep_vars=True)
     problems = _shape_differences(_shapes_only(tensors_record), _shapes_only(_tensor_record(live)))
     if problems:
-        raise ModelFileError(f"timm {arch.timm} with the {len(plans)} saved plan(s) re-applied does not match "
+        raise ModelFileError(f"{arch.name} with the {len(plans)} saved plan(s) re-applied does not match "
                              f"{RECORD_FILE} ({'; '.join(problems)}); was it saved with another timm version?")
     with torch.no_grad():
         for name, tensor in live.items():  # a model saved in half precision comes back in half precision
