@@ -17,7 +17,9 @@ is skipped, never guessed from. The rules, in the order tried:
 * ``head_hidden_size`` is the classifier's input width (``pretrained_cfg["classifier"]``);
 * a ``feature_info`` entry's module: the last layer inside it when that layer's output has
   the recorded width (a residual stage, a transformer block), else the first layer after
-  it that takes that width as input (a concatenating block such as DenseNet's);
+  it that takes that width as input (a concatenating block such as DenseNet's); a module
+  without weights (an activation) reads the layer just before it. HRNet's recorded names
+  are not modules (timm says so); they map to ``bn1`` and ``incre_modules[i]``;
 * ``num_features`` (the output of ``forward_features``): the first layer after the last
   feature module that takes that width;
 * ``embed_dim`` follows ``num_features`` when they are equal (ViT, Mixer), else the output

@@ -129,3 +129,22 @@ def test_channels_last_stays_channels_last(name: str):
         assert pruned.forward_features(x).is_contiguous(memory_format=torch.channels_last)
     plain = gp.prune(_model(name), x.contiguous(), ratio=0.3)
     assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("convnext_atto", {}), ("vit_tiny_patch16_224", {"img_size": 32})])
+def test_a_recipe_re_heads_a_pruned_and_reloaded_backbone(name: str, kwargs: dict, tmp_path: Path):
+    """The transfer workflow: prune, save, load elsewhere, then S->T gives it a head for the target task."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from graphprune import recipes as R
+
+    x = torch.randn(1, 3, 32, 32)
+    loaded = gio.load(gio.save(gp.prune(_model(name, **kwargs), x, ratio=0.3), tmp_path / "pruned"))
+    pairs = TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    data = R.TransferData(DataLoader(pairs, batch_size=4), DataLoader(pairs, batch_size=4), ("a", "b", "c"))
+    config = R.TransferConfig(source=R.FinetuneConfig(epochs=1.0), run=R.RunConfig(progress=False))  # one step
+    model, result = R.s_to_t(loaded, data, config)
+    assert [s.name for s in result.stages][-1] == "source"
+    assert _head_widths(model) == {loaded.num_features}
+    with torch.no_grad():
+        assert model.eval()(x).shape == (1, 3)
