@@ -103,6 +103,11 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
             "local file with pretrained_cfg_overlay=dict(file=PATH)") from error
     except (TypeError, ValueError, AssertionError) as error:
         raise InvalidArgumentError(f"cannot create timm model {name!r} with {kwargs}: {error}") from error
+    except RuntimeError as error:
+        if "state_dict" not in str(error):
+            raise
+        raise InvalidArgumentError(f"the pretrained weights timm found for {name!r} do not fit the model: "
+                                   f"{' '.join(str(error).split())[:600]}") from error
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -158,3 +158,9 @@ def test_offline_hub_download_fails_with_a_clear_error():
     assert done.returncode == 0, done.stderr
     assert "cannot get pretrained weights for 'resnet18.a1_in1k'" in done.stdout
     assert "checkpoint=PATH (CLI: --checkpoint PATH)" in done.stdout
+
+
+def test_pretrained_file_of_another_architecture_is_bad_input(tmp_path: Path):
+    save_file(timm.create_model("test_vit").state_dict(), tmp_path / "vit.safetensors")
+    with pytest.raises(InvalidArgumentError, match="do not fit the model"):
+        sources.create_model(NAME, pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "vit.safetensors")})
