@@ -490,8 +490,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
     target = Path(path)
     if factory is not None:
         if architecture is not None:
-            raise InvalidArgumentError('give architecture= or factory=, not both (kwargs go in architecture={"factory": '
-                                       '..., "kwargs": {...}})')
+            raise InvalidArgumentError('give architecture= or factory=, not both (kwargs go in '
+                                       'architecture={"factory": ..., "kwargs": {...}})')
         architecture = {"factory": factory}
     arch = Architecture.from_dict(architecture) if architecture is not None else infer_architecture(model)
     plans = _plans_of(model)

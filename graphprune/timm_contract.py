@@ -241,8 +241,8 @@ def find_witnesses(model: nn.Module) -> dict[Slot, Witness | None]:
     if isinstance(info, list):
         for index, entry in enumerate(info):
             if isinstance(entry, Mapping) and _int(entry.get("num_chs")) and isinstance(entry.get("module"), str):
-                found[("feature_info", "num_chs", index)] = resolver.module_output(_feature_module(model, entry["module"]),
-                                                                                entry["num_chs"])
+                module = _feature_module(model, entry["module"])
+                found[("feature_info", "num_chs", index)] = resolver.module_output(module, entry["num_chs"])
     num_features = getattr(model, "num_features", None)
     if _int(num_features):
         found[("", "num_features", None)] = (resolver.consumer_after(resolver.features_end(), num_features)

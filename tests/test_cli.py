@@ -319,7 +319,8 @@ def test_pretrained_the_timm_way_matches_the_checkpoint(tmp_path: Path, capsys):
     save_file(timm.create_model(MODEL).state_dict(), tmp_path / "w.safetensors")  # timm's 1000 classes
     overlay = json.dumps({"pretrained_cfg_overlay": {"file": str(tmp_path / "w.safetensors")}})
     common = ["--input-size", SIZE, "--ratio", "0.5", "--no-latency"]
-    assert cli.main(["prune", MODEL, "--pretrained", "--model-kwargs", overlay, "-o", str(tmp_path / "a"), *common]) == 0
+    assert cli.main(["prune", MODEL, "--pretrained", "--model-kwargs", overlay, "-o", str(tmp_path / "a"),
+                     *common]) == 0
     assert cli.main(["prune", MODEL, "--checkpoint", str(tmp_path / "w.safetensors"), "-o", str(tmp_path / "b"),
                      *common]) == 0
     a, b = gio.load(tmp_path / "a").state_dict(), gio.load(tmp_path / "b").state_dict()

@@ -100,7 +100,8 @@ def saved(tmp_path_factory) -> Path:
     ({"factory": "os:system", "kwargs": {}}, "'os:system', which is not allowed"),
     ({"factory": "torchvision.models:no_such_net", "kwargs": {}}, "not a torchvision model"),
     ({"factory": "os.system", "kwargs": {}}, "package.module:function"),
-    ({"factory": "torchvision.models:resnet18", "kwargs": {"weights": "IMAGENET1K_V1"}}, r"may not contain \['weights'\]"),
+    ({"factory": "torchvision.models:resnet18", "kwargs": {"weights": "IMAGENET1K_V1"}},
+     r"may not contain \['weights'\]"),
     ({"factory": "torchvision.models:resnet18", "timm": "resnet18"}, "must look like"),
 ])
 def test_a_tampered_record_is_refused(architecture: dict, match: str, saved: Path, tmp_path: Path):
