@@ -153,26 +153,31 @@ class Task:
 
 
 # Schedules chosen on the validation split (benchmarks/README.md): LP-FT from the probe, AdamW
-# 5e-4 peak, 10 % warmup, cosine, label smoothing 0.1, timm augmentation (RRC scale 0.25-1).
+# 5e-4 peak, 10 % warmup, cosine, label smoothing 0.1, timm augmentation (RRC scale 0.08-1),
+# BatchNorm statistics frozen before pruning and trained after it (the recipes' defaults).
+def AFTER_PRUNING(**fields) -> R.FinetuneConfig:  # noqa: N802 - reads like the config it builds
+    return R.FinetuneConfig(**{"norm_stats": "train", **fields})
+
+
 FULL = {
     "flowers17": Task("flowers17", "lite0", FLOWERS_VARIANTS, image_size=128,
-                      source=R.FinetuneConfig(epochs=8), target=R.FinetuneConfig(epochs=4)),
+                      source=R.FinetuneConfig(epochs=8), target=AFTER_PRUNING(epochs=4)),
     "cub100": Task("cub100", "lite0", CORE_VARIANTS, image_size=128,
-                   source=R.FinetuneConfig(epochs=6), target=R.FinetuneConfig(epochs=3)),
+                   source=R.FinetuneConfig(epochs=6), target=AFTER_PRUNING(epochs=3)),
     "gtsrb": Task("gtsrb_small", "resnet56", CORE_VARIANTS, image_size=32, augment=False, batch_size=64,
-                  source=R.FinetuneConfig(epochs=10, lr=2e-3), target=R.FinetuneConfig(epochs=5, lr=1e-3)),
+                  source=R.FinetuneConfig(epochs=10, lr=2e-3), target=AFTER_PRUNING(epochs=5, lr=1e-3)),
 }
 QUICK = {
     "flowers17": replace(FULL["flowers17"], image_size=64, per_class=(8, 5, 10), scoring_batches=2,
                          transtailor_steps=2, transtailor_epochs=1.0,
-                         source=R.FinetuneConfig(epochs=3), target=R.FinetuneConfig(epochs=2),
+                         source=R.FinetuneConfig(epochs=3), target=AFTER_PRUNING(epochs=2),
                          variants=tuple(v for v in FLOWERS_VARIANTS if v.budget == 0.3 or v.recipe != "S->TP->T"
                                         or v.name in ("l1", "tp_l1"))),
     "cub100": replace(FULL["cub100"], image_size=64, per_class=(3, 2, 3), scoring_batches=2,
-                      source=R.FinetuneConfig(epochs=3), target=R.FinetuneConfig(epochs=2),
+                      source=R.FinetuneConfig(epochs=3), target=AFTER_PRUNING(epochs=2),
                       variants=tuple(v for v in CORE_VARIANTS if v.budget == 0.3)),
     "gtsrb": replace(FULL["gtsrb"], per_class=(6, 4, 6), scoring_batches=2,
-                     source=R.FinetuneConfig(epochs=4, lr=2e-3), target=R.FinetuneConfig(epochs=2, lr=1e-3),
+                     source=R.FinetuneConfig(epochs=4, lr=2e-3), target=AFTER_PRUNING(epochs=2, lr=1e-3),
                      variants=tuple(v for v in CORE_VARIANTS if v.budget == 0.3)),
 }
 
@@ -276,8 +281,8 @@ def run_variant(task_name: str, task: Task, variant: Variant, seed: int, source:
     if variant.recipe == "SP->T":  # the same training budget (steps x MACs) as S->T
         epochs = task.source.epochs / (1 - variant.budget)
         prune = R.PruneConfig(scorer=variant.scorer, flops_reduction=variant.budget)
-        model, result = R.sp_t(source, data, R.TransferConfig(prune=prune, target=replace(task.source, epochs=epochs),
-                                                              run=run))
+        target = replace(task.source, epochs=epochs, norm_stats=task.target.norm_stats)  # after pruning
+        model, result = R.sp_t(source, data, R.TransferConfig(prune=prune, target=target, run=run))
         return _row(task_name, task, variant, "SP->T", seed, model, data, test, base_macs, started, placement,
                     prune_s=round(result.stage("prune").seconds, 1), **_budget(result, task.batch_size))
     if variant.recipe == "TransTailor":
@@ -296,6 +301,9 @@ def run_variant(task_name: str, task: Task, variant: Variant, seed: int, source:
     extra: dict = {}
     if variant.scorer.startswith("tp_"):
         model, extra = tp_pruned(full, data, variant, task)
+        placement.model_(model)
+        # the same recipe as graphprune's prune stage: BatchNorm statistics re-estimated after removal
+        R.stages.recalibrate_after_removal_(model, data, R.PruneConfig().recalibrate_batches, placement)
     else:
         model = copy.deepcopy(full)
         prune = R.PruneConfig(scorer=variant.scorer, flops_reduction=variant.budget, classifier_reuse=variant.reuse,

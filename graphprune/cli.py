@@ -439,6 +439,13 @@ def _add_inspect(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_cmd_inspect)
 
 
+def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
+    """Register ``graphprune transfer`` (defined with the recipes, imported only when the parser is built)."""
+    from .recipes.command import add_transfer as add
+
+    add(subparsers, common)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``graphprune`` argument parser.
 
@@ -456,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(subparsers, common)
     _add_measure(subparsers, common)
     _add_inspect(subparsers, common)
+    add_transfer(subparsers, common)  # the transfer recipes (graphprune.recipes.command)
     return parser
 
 

@@ -331,7 +331,7 @@ def test_s_tp_t_efficientnet_lite0_flowers17(shared_data, efficientnet_lite0_pac
                                val_per_class=5, augment=False)
     config = _quiet(source=R.FinetuneConfig(epochs=2, mode="linear", lr=1e-2),
                     prune=R.PruneConfig(scorer="taylor", flops_reduction=0.3),
-                    target=R.FinetuneConfig(epochs=2, mode="full", lr=2e-3))
+                    target=R.FinetuneConfig(epochs=2, mode="full", lr=2e-3, norm_stats="train"))
     model, result = R.s_tp_t(source, data, config)
     source_acc, pruned_acc = result.stage("source").val_accuracy, result.final.val_accuracy
     assert source_acc >= 0.45, result.to_json()

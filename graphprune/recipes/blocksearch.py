@@ -38,6 +38,7 @@ from .config import HEAD_INITS, FinetuneConfig, PruneConfig, RunConfig, _json_re
 from .data import TransferData
 from .distributed import on_main, sync_state_
 from .finetune import finetune_
+from .stages import recalibrate_after_removal_
 from .pipelines import _Run
 from .records import RecipeResult, StageRecord
 from .stages import prune_stage_
@@ -63,6 +64,8 @@ class BlockSearchConfig:
         run: checkpoints, seed, progress, device.
         head_init: ``"probe"`` (a linear probe before the teacher's fine-tuning, as in
             :class:`~graphprune.recipes.TransferConfig`) or ``"random"``.
+        recalibrate_batches: BatchNorm statistics re-estimated after each removal (a proxy's
+            included), as :attr:`~graphprune.recipes.PruneConfig.recalibrate_batches`.
     """
 
     source: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -78,6 +81,7 @@ class BlockSearchConfig:
     width_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     head_init: str = "probe"
+    recalibrate_batches: int | None = 16
 
     def __post_init__(self) -> None:
         if self.head_init not in HEAD_INITS:
@@ -202,6 +206,7 @@ def _depth_step(run: _Run, teacher: nn.Module, blocks: Blocks, names: list[str],
             proxies[edit.block] = proxy
     apply_block_plan_(candidate, plan, proxies=proxies)
     run.placement.model_(candidate)  # proxies are built on the CPU
+    recalibrate_after_removal_(candidate, run.data, config.recalibrate_batches, run.placement)
     sync_state_(candidate, run.ctx)
     record = finetune_(candidate, run.data, config.finetune, name=name, ctx=run.ctx, seed=run.config.run.seed + len(names),
                        progress=run.progress, placement=run.placement)

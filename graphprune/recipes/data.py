@@ -258,7 +258,7 @@ def _transforms(config: dict, augment: bool, scale: tuple[float, float]):
 
 def image_folder_data(root: str | os.PathLike, model: nn.Module, *, image_size: int = 128, batch_size: int = 32,
                       per_class: int | None = None, val_per_class: int | None = None, augment: bool = True,
-                      scale: tuple[float, float] = (0.25, 1.0), seed: int = 0, num_workers: int = 0,
+                      scale: tuple[float, float] = (0.08, 1.0), seed: int = 0, num_workers: int = 0,
                       cache: bool = True) -> TransferData:
     """Train/val loaders over ``root/train`` and ``root/val`` with ``model``'s timm preprocessing.
 

@@ -23,6 +23,7 @@ from ..scoring.classmean import class_means
 from .config import PruneConfig
 from .data import TransferData
 from .device import Placement
+from .norms import recalibrate_norms_
 from .distributed import DistContext, on_main
 from .finetune import measure_record
 from .records import StageRecord
@@ -99,12 +100,35 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
         record_plan(model, plan)
     if placement is not None:
         placement.model_(model)  # new (sliced) weights take the run's memory layout again
+    recalibrated = recalibrate_after_removal_(model, data, config.recalibrate_batches, placement)
     seconds = time.perf_counter() - start
     record = measure_record(model, data, name, "prune", seconds, ctx=ctx, placement=placement)
     details = {"scorer": config.scorer, "scope": config.scope, "ratio": config.ratio,
                "target_flops_reduction": config.flops_reduction,
-               "flops_reduction": 1.0 - record.macs / before if before else 0.0}
+               "flops_reduction": 1.0 - record.macs / before if before else 0.0,
+               "recalibrated_norms": recalibrated}
     return StageRecord(**{**record.__dict__, "details": details})
+
+
+def recalibrate_after_removal_(model: nn.Module, data: TransferData, batches: int | None,
+                               placement: Placement | None = None) -> int:
+    """Re-estimate BatchNorm statistics after a removal on ``batches`` unaugmented training batches.
+
+    Every rank reads the same (unsharded) batches, so ranks stay identical. Returns the number
+    of BatchNorm layers re-estimated (0 when ``batches == 0``).
+
+    Example:
+        >>> import timm, torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])), batch_size=4)
+        >>> model = timm.create_model("resnet18", pretrained=False, num_classes=2)
+        >>> recalibrate_after_removal_(model, TransferData(loader, loader, ("a", "b")), 1)
+        20
+    """
+    if batches == 0:
+        return 0
+    train = data.train_eval if data.train_eval is not None else data.train
+    return recalibrate_norms_(model, train, max_batches=batches, placement=placement)
 
 
 def full_model_class_means(model: nn.Module, data: TransferData, *, ctx: DistContext = DistContext(),

@@ -41,6 +41,7 @@ from .distributed import on_main
 from .finetune import evaluate, finetune_
 from .importance import applied_factors, fold_factors_, importance_factors, slice_factors
 from .pipelines import _Run
+from .stages import recalibrate_after_removal_
 from .records import RecipeResult, StageRecord
 
 
@@ -122,6 +123,8 @@ def _search_step(run: _Run, name: str, step: int, config: TransTailorConfig, bas
         plan = Plan.from_json(plan_json)
         apply_plan_(run.model, plan)
         record_plan(run.model, plan)
+    run.placement.model_(run.model)
+    recalibrate_after_removal_(run.model, run.data, config.recalibrate_batches, run.placement)
     with applied_factors(run.model, factors):  # frozen beta: plain tensors, never in the optimizer
         pruned_accuracy = evaluate(run.model, run.data.val, ctx, run.placement)
         record = finetune_(run.model, run.data, config.finetune, name=name, ctx=ctx, seed=run.config.run.seed + step,
