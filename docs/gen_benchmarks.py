@@ -156,7 +156,7 @@ def render_transfer(rows: list[dict[str, str]]) -> str:
 
 
 def render_transfer_setup(rows: list[dict[str, str]]) -> str:
-    keys = ("image_size", "train_per_class", "test_images", "source_epochs", "target_epochs")
+    keys = ("image_size", "train_images", "test_images", "source_epochs", "target_epochs")
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     body = [[task, *[", ".join(sorted({r[k] for r in rows if r["task"] == task})) for k in keys],
              ", ".join(sorted({r["seed"] for r in rows if r["task"] == task}))] for task in tasks]
@@ -164,7 +164,7 @@ def render_transfer_setup(rows: list[dict[str, str]]) -> str:
 
 
 def render_transfer_environment(rows: list[dict[str, str]]) -> str:
-    keys = ("torch", "timm", "torch_pruning", "graphprune", "python", "cpu", "threads")
+    keys = ("torch", "timm", "torch_pruning", "graphprune", "python", "cpu", "threads", "device")
     body = [[f"`{k}`", ", ".join(sorted({r[k] for r in rows if r[k]}))] for k in keys]
     dates = sorted(r["date"] for r in rows if r["date"])
     body.append(["`date` (first, last)", f"{dates[0]}, {dates[-1]}" if dates else ""])

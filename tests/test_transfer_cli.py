@@ -28,7 +28,7 @@ def _tree(root: Path, splits=("train", "val", "test"), classes=("a", "b")) -> Pa
 
 def _argv(data: Path, out: Path, *extra: str) -> list[str]:
     return ["transfer", "test_efficientnet", "--data", str(data), "-o", str(out), "--ratio", "0.3", "--epochs", "1",
-            "--target-epochs", "1", "--image-size", "32", "--batch-size", "4", "--no-progress", "--device", "cpu",
+            "--target-epochs", "1", "--image-size", "32", "--batch-size", "4", "--quiet", "--device", "cpu",
             "--json", *extra]
 
 

@@ -1,6 +1,7 @@
 """``graphprune transfer``: run a transfer recipe on an ImageFolder root from the shell.
 
-The subcommand builds a timm model (random init, ``--pretrained`` the timm way, or a local
+Progress bars (one per stage: probe, fine-tuning, scoring, pruning) go to stderr; ``-q``
+turns them off. The subcommand builds a timm model (random init, ``--pretrained`` the timm way, or a local
 ``--checkpoint``), the data (:func:`~graphprune.recipes.image_folder_data`), one recipe config
 from the flags, and runs the recipe with progress bars on stderr and stage checkpoints under
 ``OUT/checkpoints``. It writes::
@@ -75,7 +76,6 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_transfer)
 
 
@@ -85,7 +85,7 @@ def _configs(args: argparse.Namespace):
     budget = ({"ratio": args.ratio, "flops_reduction": None} if args.ratio is not None
               else {"flops_reduction": 0.3 if args.flops_reduction is None else args.flops_reduction})
     out = Path(args.output)
-    run = C.RunConfig(checkpoint_dir=str(out / CHECKPOINTS), seed=args.seed, progress=not args.no_progress,
+    run = C.RunConfig(checkpoint_dir=str(out / CHECKPOINTS), seed=args.seed, progress=not args.quiet,
                       device=args.device, precision=args.precision)
     source = C.FinetuneConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer)
     target = C.FinetuneConfig(epochs=args.target_epochs, lr=args.lr, optimizer=args.optimizer)
