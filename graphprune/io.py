@@ -43,11 +43,10 @@ import contextlib
 import difflib
 import hashlib
 import json
+import math
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,30 +54,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import io_record, io_replay, io_staging
 from .api import HISTORY_ATTR
-from .errors import GraphpruneError, InvalidArgumentError
+from .errors import InvalidArgumentError
 from .groups import classifier_names
+from .io_record import MODEL_FORMAT, RECORD_FILE, WEIGHTS_FILE, ModelFileError, ModelFileNotFoundError
+from .io_staging import check_target
 from .plan import Plan
 from .removal import apply_plan_
 
+__all__ = ["ARCHITECTURE_ATTR", "MODEL_FORMAT", "RECORD_FILE", "WEIGHTS_FILE", "Architecture", "ModelFileError",
+           "ModelFileNotFoundError", "build_model", "check_target", "infer_architecture", "load", "save", "sniff"]
+
 Edit = Any  # a channel Plan or a graphprune.blocks.BlockPlan: one entry of the structural history
 
-MODEL_FORMAT = "graphprune.model/1"
-WEIGHTS_FILE = "model.safetensors"
-RECORD_FILE = "graphprune.json"
 ARCHITECTURE_ATTR = "graphprune_architecture"  # set by load(); save() reuses it
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _CHUNK_BYTES = 1 << 20
 # timm.create_model arguments that would read weights or configs from files or the hub (maybe a pickle)
-_FILE_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"})
-
-
-class ModelFileError(GraphpruneError):
-    """A saved model cannot be written or read (bad path, corrupt or mismatched files, pickle offered)."""
-
-
-class ModelFileNotFoundError(ModelFileError, FileNotFoundError):
-    """The saved model, or one of its two files, does not exist."""
+_FILE_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                          "pruned"})  # pruned=True: timm reads a channel file of its own
+# timm.create_model arguments a record may not choose: where and in which precision the model is built
+_PLACEMENT_KWARGS = frozenset({"device", "dtype"})
+# load() builds a base model at most this many times the elements the weights file holds (plus the slack):
+# pruning shrinks, but a base a thousand times the saved weights is a damaged or hostile record
+MAX_BASE_FACTOR = 64
+BASE_SLACK_NUMEL = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,10 @@ class Architecture:
         if refused:
             raise InvalidArgumentError(f"architecture kwargs may not contain {refused}: the base is always built "
                                        "with pretrained=False from no file, and only the saved weights are loaded")
+        placed = sorted(set(kwargs) & _PLACEMENT_KWARGS)
+        if placed:
+            raise InvalidArgumentError(f"architecture kwargs may not contain {placed}: the model is built on the CPU "
+                                       "in float32, then given the saved dtypes; move it yourself after loading")
         if factory is not None:
             factories.check_kwargs(kwargs)
         try:
@@ -236,7 +241,7 @@ def _constructor(architecture: Architecture, allow_factories: Iterable[str]) -> 
 
 
 def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, device: str = "cpu",
-                allow_factories: Iterable[str] = ()) -> nn.Module:
+                allow_factories: Iterable[str] = (), max_numel: int | None = None) -> nn.Module:
     """Create the base (``pretrained=False``, or the factory without weights) and re-apply ``plans`` in order.
 
     Args:
@@ -245,10 +250,12 @@ def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, dev
         device: ``"meta"`` builds shapes only (falls back to CPU for models that cannot).
         allow_factories: factory names that may be imported besides torchvision's builders
             (:func:`graphprune.factories.resolve`).
+        max_numel: with ``device="meta"``, the most tensor elements the CPU fallback may create
+            (:class:`~graphprune.io_replay.AllocationLimit`); ``None``: no bound.
 
     Raises:
-        ModelFileError: unknown architecture or factory, one not allowed, bad kwargs, or a
-            plan that does not fit.
+        ModelFileError: unknown architecture or factory, one not allowed, kwargs the
+            constructor refuses (whatever it raises), or a plan that does not fit.
 
     Example:
         >>> build_model(Architecture("resnet18", {"num_classes": 3}), device="meta").fc.out_features
@@ -262,25 +269,35 @@ def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, dev
                 with torch.device("meta"):
                     model = make(**kwargs)
             except (RuntimeError, NotImplementedError):  # an __init__ that reads tensor values
-                model = make(**kwargs)
+                with io_replay.AllocationLimit(max_numel) if max_numel is not None else contextlib.nullcontext():
+                    model = make(**kwargs)
         else:
             model = make(**kwargs)
-    except (TypeError, ValueError, AssertionError) as error:
-        raise ModelFileError(f"cannot create {architecture.name} with kwargs {kwargs}: {error}") from error
+    except ModelFileError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a constructor raises on kwargs from a file is bad input
+        raise ModelFileError(f"cannot create {architecture.name} with kwargs {_short(kwargs)}: "
+                             f"{type(error).__name__}: {error}") from error
     if not isinstance(model, nn.Module):
         raise ModelFileError(f"{architecture.name} returned a {type(model).__name__}, not an nn.Module")
     from .blocks import BlockPlan, apply_block_plan_
 
     for number, plan in enumerate(plans, start=1):
         try:
-            if isinstance(plan, BlockPlan):
-                apply_block_plan_(model, plan, record=False)
-            else:
-                apply_plan_(model, plan)
+            with torch.device("meta") if device == "meta" else contextlib.nullcontext():  # proxies: shapes only
+                if isinstance(plan, BlockPlan):
+                    apply_block_plan_(model, plan, record=False)
+                else:
+                    apply_plan_(model, plan)
         except InvalidArgumentError as error:
             raise ModelFileError(f"plan {number} of {len(plans)} does not fit a fresh {architecture.name} "
-                                 f"{kwargs}: {error}") from error
+                                 f"{_short(kwargs)}: {error}") from error
     return model
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ----------------------------------------------------------------------------- save
@@ -291,12 +308,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _tensor_record(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    return {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in state.items()}
+    """Shape and dtype of every entry, and ``requires_grad`` of every parameter (a frozen backbone stays frozen)."""
+    record = {}
+    for name, tensor in state.items():
+        entry: dict[str, Any] = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype)}
+        if isinstance(tensor, nn.Parameter):
+            entry["requires_grad"] = bool(tensor.requires_grad)
+        record[name] = entry
+    return record
 
 
 def _shapes_only(record: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """The record without dtypes: a rebuilt base is float32 until :func:`load` casts it."""
-    return {k: {"shape": v["shape"], "dtype": "any"} for k, v in record.items()}
+    return {k: {"shape": list(v["shape"]), "dtype": "any"} for k, v in record.items()}
 
 
 def _split_tied(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -357,15 +381,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -374,77 +389,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_saved_model(path: Path) -> bool:
-    return path.is_dir() and (path / RECORD_FILE).is_file()
-
-
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
-
-
-def check_target(path: str | os.PathLike) -> None:
-    """Fail early unless :func:`save` may write ``path``: its parent is a directory and ``path``
-    is new, an empty directory, or an earlier save (which is then replaced).
-
-    Raises:
-        ModelFileError: saying which of the two does not hold.
-
-    Example:
-        >>> import tempfile
-        >>> check_target(Path(tempfile.mkdtemp()) / "new-model")
-    """
-    target = Path(path)
-    parent = target.parent
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise ModelFileError(f"cannot save to {target}: the parent directory {parent} {what}")
-    if target.exists() and not _is_saved_model(target) and not _is_empty_dir(target):
-        kind = "directory" if target.is_dir() else "file"
-        raise ModelFileError(f"cannot save to {target}: it is an existing {kind} that is not a graphprune save; "
-                             "choose a new path or remove it")
-
-
-@contextlib.contextmanager
-def _staging_dir(target: Path) -> Iterator[Path]:
-    """A temporary directory next to ``target``; renamed onto it if the block succeeds, else removed."""
-    check_target(target)
-    parent = target.parent
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
-    except OSError as error:
-        raise ModelFileError(f"cannot save to {target}: cannot write in {parent} ({error.strerror})") from error
-    try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a saved model is an ordinary directory
-        yield staging
-        _fsync_dir(staging)
-        if target.exists():  # keep the old save until the new one is in place
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
-            os.replace(target, backup / "old")
-            try:
-                os.replace(staging, target)
-            except BaseException:
-                os.replace(backup / "old", target)
-                raise
-            finally:
-                shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-        _fsync_dir(parent)
-    except OSError as error:
-        raise ModelFileError(f"cannot save to {target}: {error}") from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _file_mode() -> int:
     """The mode ``open(path, "w")`` gives a new file: 0666 less the umask."""
-    return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return 0o666 & ~io_staging.umask()
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str, Any] | None = None,
@@ -498,7 +445,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
     state = model.state_dict(keep_vars=True)
     tensors = _tensor_record(state)
     own = (arch.factory,) if arch.factory is not None else ()  # the caller named it: saving may import it
-    rebuilt = build_model(arch, plans, device="meta", allow_factories=own).state_dict()
+    plans_json = [json.loads(plan.to_json()) for plan in plans]
+    rebuilt = build_model(arch, device="meta", allow_factories=own)
+    io_replay.replay_on_meta(rebuilt, plans_json, f"cannot save to {target}")  # what load() will check
+    rebuilt = rebuilt.state_dict()
     problems = _shape_differences(_shapes_only(tensors), _shapes_only(_tensor_record(rebuilt)))
     if problems:
         raise ModelFileError(
@@ -508,20 +458,26 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
     stored, tied = _split_tied(state)
     from safetensors.torch import save_file
 
-    with _staging_dir(target) as staging:
+    from safetensors import SafetensorError
+
+    with io_staging.staging_dir(target) as staging:
         weights = staging / WEIGHTS_FILE
-        save_file(stored, weights, metadata={"format": MODEL_FORMAT})
+        try:
+            save_file(stored, weights, metadata={"format": MODEL_FORMAT})
+        except SafetensorError as error:  # e.g. the disk is full; the staging directory is removed
+            raise ModelFileError(f"cannot save to {target}: writing the weights failed ({error})") from error
         weights.chmod(_file_mode())  # safetensors writes 0600 whatever the umask; a saved model is shareable
         _fsync_file(weights)
         record = {
             "format": MODEL_FORMAT,
             "architecture": arch.to_dict(),
-            "plans": [json.loads(plan.to_json()) for plan in plans],
+            "plans": plans_json,
             "tensors": tensors,
             "tied": tied,
             "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
             "versions": _versions(),
         }
+        record["record_sha256"] = io_record.record_digest(record)
         with open(staging / RECORD_FILE, "w", encoding="utf-8") as handle:
             handle.write(_format_record(record))
             handle.flush()
@@ -591,53 +547,69 @@ def _refuse_pickle(path: Path, kind: str) -> None:
             "then graphprune.save() it")
 
 
-def _check_weights_file(path: Path) -> None:
-    """Refuse anything that is not a complete safetensors file."""
+def _read_header(path: Path) -> dict[str, io_record.TensorSpec]:
+    """The weights file's tensors, from its header alone; anything but a complete safetensors file is refused."""
     kind = sniff(path)
     _refuse_pickle(path, kind)
     if kind != "safetensors":
         raise ModelFileError(f"{path} is not a safetensors file")
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        (header_bytes,) = struct.unpack("<Q", handle.read(8))
-        raw = handle.read(header_bytes)
-    if len(raw) < header_bytes:
-        raise ModelFileError(f"{path} is truncated: its header needs {header_bytes} bytes, the file has {size}")
-    try:
-        header = json.loads(raw)
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError) as error:
-        raise ModelFileError(f"{path} has a corrupt safetensors header: {error}") from error
-    expected = 8 + header_bytes + end
-    if size < expected:
-        raise ModelFileError(f"{path} is truncated: {size} bytes, its header describes {expected}")
+    return io_record.read_header(path)
 
 
 def _read_record(directory: Path) -> dict[str, Any]:
+    """The record, parsed within bounds and checked against the schema (:mod:`graphprune.io_record`)."""
     record_path = directory / RECORD_FILE
     if not record_path.is_file():
         raise ModelFileNotFoundError(f"{directory} has no {RECORD_FILE}; is it a directory written by graphprune.save?")
     _refuse_pickle(record_path, sniff(record_path))
+    size = record_path.stat().st_size
+    if size > io_record.MAX_RECORD_BYTES:  # refused before reading it
+        raise ModelFileError(f"{record_path} has {size} bytes; a record has at most {io_record.MAX_RECORD_BYTES}")
+    record = io_record.parse_json(record_path.read_bytes(), str(record_path), max_bytes=io_record.MAX_RECORD_BYTES)
+    return io_record.check_record(record, str(record_path))
+
+
+def _numel(model: nn.Module) -> int:
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() for t in tensors.values())
+
+
+def _rebuild_on_meta(record: Mapping[str, Any], where: str, stored_numel: int,
+                     allow_factories: Iterable[str]) -> tuple[Architecture, tuple[Edit, ...]]:
+    """Build the record's model on the meta device, plan by plan, and check it is the weights file's model.
+
+    Nothing is allocated: the base must be at most :data:`MAX_BASE_FACTOR` times the stored
+    elements (plus :data:`BASE_SLACK_NUMEL`), every plan is checked before it is expanded
+    (:func:`graphprune.io_replay.replay_on_meta`), and the result must have the record's tensors.
+    """
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise ModelFileError(f"{record_path} is not valid JSON: {error}") from error
-    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise ModelFileError(f"{record_path} has format {found!r}; this graphprune reads {MODEL_FORMAT!r}")
-    for key, kind in (("architecture", dict), ("plans", list), ("tensors", dict), ("tied", dict), ("weights", dict)):
-        if not isinstance(record.get(key), kind):
-            raise ModelFileError(f"{record_path}: field {key!r} is missing or not a {kind.__name__}")
-    return record
+        arch = Architecture.from_dict(record["architecture"])
+    except InvalidArgumentError as error:
+        raise ModelFileError(f"{where}: {error}") from error
+    budget = MAX_BASE_FACTOR * stored_numel + BASE_SLACK_NUMEL
+    model = build_model(arch, device="meta", allow_factories=allow_factories, max_numel=budget)
+    base = _numel(model)
+    if base > budget:
+        raise ModelFileError(f"{where}: {arch.name} {_short(dict(arch.kwargs))} has {base} elements, more than "
+                             f"{MAX_BASE_FACTOR} times the {stored_numel} that {WEIGHTS_FILE} holds; its kwargs do not "
+                             "match the weights")
+    plans = io_replay.replay_on_meta(model, record["plans"], where)
+    problems = _shape_differences(_shapes_only(record["tensors"]), _shapes_only(_tensor_record(model.state_dict())))
+    if problems:
+        raise ModelFileError(f"{arch.name} with the {len(plans)} saved plan(s) re-applied does not match "
+                             f"{RECORD_FILE} ({'; '.join(problems)}); was it saved with another timm version?")
+    return arch, plans
 
 
 def _resolve(path: Path) -> Path:
     """The save directory for ``path`` (the directory, or one of its two files)."""
     if not path.exists():
-        raise ModelFileNotFoundError(f"no such file or directory: {path}")
+        io_staging.recover(path)  # a save killed between its two renames left the previous one aside
+        if not path.exists():
+            raise ModelFileNotFoundError(f"no such file or directory: {path}")
     if path.is_dir():
         return path
-    if path.name in (RECORD_FILE, WEIGHTS_FILE) and _is_saved_model(path.parent):
+    if path.name in (RECORD_FILE, WEIGHTS_FILE) and io_staging.is_saved_model(path.parent):
         return path.parent
     kind = sniff(path)
     _refuse_pickle(path, kind)
@@ -674,31 +646,21 @@ def load(path: str | os.PathLike, *, allow_factories: Iterable[str] = ()) -> nn.
     """
     directory = _resolve(Path(path))
     record = _read_record(directory)
+    where = str(directory / RECORD_FILE)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFileNotFoundError(f"{directory} has {RECORD_FILE} but no {WEIGHTS_FILE}")
-    _check_weights_file(weights)
+    header = _read_header(weights)
+    io_record.check_header(record, header, where)
+    stored_numel = sum(math.prod(spec.shape) for spec in header.values())
+    arch, plans = _rebuild_on_meta(record, where, stored_numel, allow_factories)
+    io_record.check_digest(record, where)
     expected = record["weights"]
-    if weights.stat().st_size != expected.get("bytes") or _sha256(weights) != expected.get("sha256"):
+    if weights.stat().st_size != expected["bytes"] or _sha256(weights) != expected["sha256"]:
         raise ModelFileError(f"{weights} is not the file {RECORD_FILE} was written with (size or SHA-256 differ); "
                              "save the model again with graphprune.save")
+    # everything is checked: from here on only what the weights file holds is allocated
     tensors_record, tied = record["tensors"], record["tied"]
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        stored = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelFileError(f"cannot read {weights}: {error}") from error
-    wanted = {k: v for k, v in tensors_record.items() if k not in tied}
-    problems = _shape_differences(wanted, _tensor_record(stored))
-    if problems or any(alias not in tensors_record or name not in stored for alias, name in tied.items()):
-        raise ModelFileError(f"{RECORD_FILE} does not match {WEIGHTS_FILE}: {'; '.join(problems) or 'bad tied names'}")
-    try:
-        arch = Architecture.from_dict(record["architecture"])
-        plans = tuple(parse_edit(json.dumps(plan)) for plan in record["plans"])
-    except InvalidArgumentError as error:
-        raise ModelFileError(f"{directory / RECORD_FILE}: {error}") from error
     model = build_model(arch, plans, allow_factories=allow_factories)
     live = model.state_dict(keep_vars=True)
     problems = _shape_differences(_shapes_only(tensors_record), _shapes_only(_tensor_record(live)))
@@ -707,14 +669,25 @@ def load(path: str | os.PathLike, *, allow_factories: Iterable[str] = ()) -> nn.
                              f"{RECORD_FILE} ({'; '.join(problems)}); was it saved with another timm version?")
     with torch.no_grad():
         for name, tensor in live.items():  # a model saved in half precision comes back in half precision
-            dtype = getattr(torch, tensors_record[name]["dtype"], None)
-            if isinstance(dtype, torch.dtype) and tensor.dtype != dtype:
+            dtype = getattr(torch, tensors_record[name]["dtype"])
+            if tensor.dtype != dtype:
                 tensor.data = tensor.data.to(dtype)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        stored = load_file(weights)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ModelFileError(f"cannot read {weights}: {error}") from error
     full = dict(stored) | {alias: stored[name] for alias, name in tied.items()}
     try:
         model.load_state_dict(full, strict=True)
     except RuntimeError as error:
         raise ModelFileError(f"cannot load {weights}: {error}") from error
+    for name, tensor in live.items():
+        wanted = tensors_record[name].get("requires_grad")
+        if isinstance(tensor, nn.Parameter) and wanted is not None:
+            tensor.requires_grad_(wanted)
     setattr(model, HISTORY_ATTR, [plan.to_json() for plan in plans])
     setattr(model, ARCHITECTURE_ATTR, arch.to_dict())
     return model.eval()

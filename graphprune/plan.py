@@ -8,6 +8,7 @@ same architecture without tracing again. Only :func:`graphprune.apply_plan_` mut
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -82,20 +83,91 @@ class Plan:
         })
 
     @staticmethod
-    def from_json(text: str) -> Plan:
-        """Parse a plan written by :meth:`to_json`; raises ``InvalidArgumentError`` on anything else."""
+    def from_json(text: str, *, max_size: int | None = None) -> Plan:
+        """Parse a plan written by :meth:`to_json`; raises ``InvalidArgumentError`` on anything else.
+
+        Every field is checked before anything is expanded: index runs must lie inside their
+        edit's ``size`` (and ``size`` at most ``max_size``, when given), so the memory spent is
+        bounded by the sizes the plan claims, not by what its runs say.
+
+        Args:
+            text: the JSON.
+            max_size: the largest dimension size an edit may claim (e.g. the largest tensor
+                dimension of the model it is for); ``None``: no bound beyond the runs' own.
+
+        Example:
+            >>> Plan.from_json('{"format": "graphprune.plan/2", "removed": {}, "patches": [], '
+            ...                '"edits": [{"name": "fc.weight", "dim": 0, "size": 4, "keep": [[0, 2], [3, 4]]}]}').edits
+            (ParamEdit(name='fc.weight', dim=0, size=4, keep=(0, 1, 3)),)
+            >>> Plan.from_json('{"format": "graphprune.plan/2", "removed": {}, "patches": [], '
+            ...                '"edits": [{"name": "w", "dim": 0, "size": 4, "keep": [[0, 9]]}]}')
+            Traceback (most recent call last):
+            ...
+            graphprune.errors.InvalidArgumentError: not a graphprune plan: edit of 'w': run [0, 9] is not inside [0, 4)
+        """
         try:
             data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError(f"a plan is a JSON object, got {type(data).__name__}")
             if data.get("format") != PLAN_FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
-            edits = tuple(ParamEdit(str(e["name"]), int(e["dim"]), int(e["size"]), _from_runs(e["keep"]))
-                          for e in data["edits"])
-            patches = tuple(AttrPatch(str(p["module"]), str(p["attr"]), _ints(p["old"]), _ints(p["new"]))
-                            for p in data["patches"])
-            removed = {int(k): tuple(int(i) for i in v) for k, v in data["removed"].items()}
-        except (KeyError, TypeError, ValueError) as error:
+            edits = tuple(_edit_from(e, max_size) for e in _list(data["edits"], "edits"))
+            patches = tuple(_patch_from(p) for p in _list(data["patches"], "patches"))
+            removed = _removed_from(data["removed"], max_size)
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as error:
             raise InvalidArgumentError(f"not a graphprune plan: {error}") from error
         return Plan(removed, edits, patches)
+
+
+_MAX_DIM = 64  # no tensor has more dims than this
+_MAX_PATCH_INTS = 16  # a patched attribute is an int or a short shape
+
+
+def _list(value: object, what: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _int(value: object, what: str, low: int = 0, high: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{what} must be an int {bound}, got {value!r}")
+    return value
+
+
+def _edit_from(entry: object, max_size: int | None) -> ParamEdit:
+    if not isinstance(entry, dict):
+        raise ValueError(f"an edit is a JSON object, got {entry!r:.80}")
+    name = entry["name"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"edit name must be a non-empty string, got {name!r:.80}")
+    dim = _int(entry["dim"], f"dim of {name!r}", 0, _MAX_DIM - 1)
+    size = _int(entry["size"], f"size of {name!r}", 1, max_size)
+    return ParamEdit(name, dim, size, _from_runs(_list(entry["keep"], "keep"), size, name))
+
+
+def _patch_from(entry: object) -> AttrPatch:
+    if not isinstance(entry, dict):
+        raise ValueError(f"a patch is a JSON object, got {entry!r:.80}")
+    module, attr = entry["module"], entry["attr"]
+    if not isinstance(module, str) or not isinstance(attr, str) or not attr.isidentifier():
+        raise ValueError(f"a patch names a module (string) and an attribute (identifier), got {module!r:.80}, "
+                         f"{attr!r:.80}")
+    return AttrPatch(module, attr, _ints(entry["old"]), _ints(entry["new"]))
+
+
+def _removed_from(value: object, max_size: int | None) -> dict[int, tuple[int, ...]]:
+    if not isinstance(value, dict):
+        raise ValueError(f"removed must be an object, got {type(value).__name__}")
+    removed = {}
+    for key, channels in value.items():
+        channels = _list(channels, f"removed[{key!r}]")
+        if max_size is not None and len(channels) > max_size:
+            raise ValueError(f"group {key} removes {len(channels)} channels, more than any dimension holds")
+        removed[int(key)] = tuple(_int(i, "a removed channel", 0, max_size) for i in channels)
+    return removed
 
 
 def _to_runs(indices: tuple[int, ...]) -> list[list[int]]:
@@ -109,21 +181,28 @@ def _to_runs(indices: tuple[int, ...]) -> list[list[int]]:
     return np.stack([array[starts], array[stops - 1] + 1], axis=1).tolist()
 
 
-def _from_runs(runs: list) -> tuple[int, ...]:
-    indices: list[int] = []
-    for start, stop in runs:
-        if not 0 <= int(start) < int(stop):
-            raise ValueError(f"bad index run {[start, stop]}")
-        indices.extend(range(int(start), int(stop)))
-    if indices != sorted(set(indices)):
-        raise ValueError("index runs overlap or are out of order")
-    return tuple(indices)
+def _from_runs(runs: list, size: int, name: str = "") -> tuple[int, ...]:
+    """``[start, stop)`` runs inside ``[0, size)``, increasing and disjoint, back to indices;
+    checked before expanding, so the result never exceeds ``size`` entries."""
+    previous = 0
+    for run in runs:
+        if not (isinstance(run, list) and len(run) == 2 and all(type(v) is int for v in run)):
+            raise ValueError(f"edit of {name!r}: {run!r:.80} is not a run [start, stop] of ints")
+        start, stop = run
+        if 0 <= start < previous:
+            raise ValueError(f"edit of {name!r}: index runs overlap or are out of order")
+        if not 0 <= start < stop <= size:
+            raise ValueError(f"edit of {name!r}: run {run} is not inside [0, {size})")
+        previous = stop
+    return tuple(itertools.chain.from_iterable(range(start, stop) for start, stop in runs))
 
 
 def _ints(value: object) -> object:
     if isinstance(value, list):
-        return tuple(int(v) for v in value)
-    return int(value)
+        if len(value) > _MAX_PATCH_INTS:
+            raise ValueError(f"a patched value has at most {_MAX_PATCH_INTS} ints, got {len(value)}")
+        return tuple(_int(v, "a patched value", -1) for v in value)
+    return _int(value, "a patched value", -1)
 
 
 def _check_ratio(ratio: float) -> float:

@@ -67,22 +67,60 @@ class BlockPlan:
 
     @staticmethod
     def from_json(text: str) -> BlockPlan:
-        """Parse a plan written by :meth:`to_json`; raises ``InvalidArgumentError`` on anything else."""
+        """Parse a plan written by :meth:`to_json`; raises ``InvalidArgumentError`` on anything else.
+
+        Every field is type-checked, and a proxy's ``(in_channels, out_channels, stride)``
+        must be positive and at most :data:`MAX_PROXY_CHANNELS` / :data:`MAX_PROXY_STRIDE`,
+        so a damaged plan cannot ask for a huge proxy.
+
+        Example:
+            >>> try:
+            ...     BlockPlan.from_json('{"format": "graphprune.blocks/1", "edits": [{"block": "b", "module": "b", '
+            ...                         '"children": ["conv"], "replacement": "proxy", "proxy": [-1, 0, 0]}]}')
+            ... except InvalidArgumentError as error:
+            ...     print(str(error).partition("block plan: ")[2][:60])
+            proxy of 'b' must be [in_channels, out_channels, stride], po
+        """
         try:
             data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError(f"a block plan is a JSON object, got {type(data).__name__}")
             if data.get("format") != BLOCK_PLAN_FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, expected {BLOCK_PLAN_FORMAT!r}")
-            edits = []
-            for e in data["edits"]:
-                proxy = e.get("proxy")
-                if e["replacement"] not in REPLACEMENTS:
-                    raise ValueError(f"unknown replacement {e['replacement']!r}")
-                edits.append(BlockEdit(str(e["block"]), str(e["module"]), tuple(str(c) for c in e["children"]),
-                                       str(e["replacement"]),
-                                       tuple(int(v) for v in proxy) if proxy is not None else None))
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            if not isinstance(data["edits"], list):
+                raise ValueError("edits must be a list")
+            edits = tuple(_edit_from(e) for e in data["edits"])
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as error:
             raise InvalidArgumentError(f"not a graphprune block plan: {error}") from error
-        return BlockPlan(tuple(edits))
+        return BlockPlan(edits)
+
+
+MAX_PROXY_CHANNELS = 1 << 20  # a proxy's in/out channels; wider than any real block
+MAX_PROXY_STRIDE = 1 << 10
+
+
+def _edit_from(entry: object) -> BlockEdit:
+    if not isinstance(entry, dict):
+        raise ValueError(f"a block edit is a JSON object, got {entry!r:.80}")
+    block, module, children = entry["block"], entry["module"], entry["children"]
+    if not isinstance(block, str) or not isinstance(module, str):
+        raise ValueError(f"block and module must be strings, got {block!r:.80}, {module!r:.80}")
+    if not isinstance(children, list) or not children or not all(isinstance(c, str) and c for c in children):
+        raise ValueError(f"children of {block!r} must be a non-empty list of names, got {children!r:.80}")
+    replacement = entry["replacement"]
+    if replacement not in REPLACEMENTS:
+        raise ValueError(f"unknown replacement {replacement!r:.80}; known: {', '.join(REPLACEMENTS)}")
+    proxy = entry.get("proxy")
+    if replacement == "identity":
+        if proxy is not None:
+            raise ValueError(f"an identity replacement has no proxy, got {proxy!r:.80} for {block!r}")
+        return BlockEdit(block, module, tuple(children), replacement)
+    limits = (MAX_PROXY_CHANNELS, MAX_PROXY_CHANNELS, MAX_PROXY_STRIDE)
+    if (not isinstance(proxy, list) or len(proxy) != 3
+            or not all(type(v) is int and 1 <= v <= high for v, high in zip(proxy, limits))):
+        raise ValueError(f"proxy of {block!r} must be [in_channels, out_channels, stride], positive ints up to "
+                         f"{list(limits)}, got {proxy!r:.80}")
+    return BlockEdit(block, module, tuple(children), replacement, tuple(proxy))
 
 
 def is_block_plan(text: str) -> bool:
