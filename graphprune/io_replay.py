@@ -34,9 +34,13 @@ FIXED_ATTRIBUTES = frozenset({
     "grid_size", "window_size", "shift_size", "pool_size", "num_prefix_tokens", "num_classes", "training",
 })
 # torch.nn layers keep their sizes in attributes that removal derives from the weights; a plan
-# may patch only these (a grouped conv's group count, an nn.MultiheadAttention's head layout).
+# may patch only those their forward reads (a grouped conv's group count, a norm's shape, an
+# nn.MultiheadAttention's head layout). Any other torch.nn layer: none.
 TORCH_NN_PATCHABLE: Mapping[type, frozenset[str]] = {
     nn.modules.conv._ConvNd: frozenset({"groups"}),
+    nn.LayerNorm: frozenset({"normalized_shape"}),
+    nn.RMSNorm: frozenset({"normalized_shape"}),
+    nn.GroupNorm: frozenset({"num_groups", "num_channels"}),
     nn.MultiheadAttention: frozenset({"num_heads", "head_dim", "embed_dim", "kdim", "vdim"}),
 }
 

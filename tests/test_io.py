@@ -271,3 +271,32 @@ def test_an_empty_directory_is_a_valid_target_and_a_full_one_is_not(tmp_path):
     with pytest.raises(gio.ModelFileError, match="not a graphprune save"):
         gio.save(model, tmp_path / "full")
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
+
+
+def test_requires_grad_comes_back_as_saved(tmp_path):
+    """A frozen backbone stays frozen (issue 15 item 11); records without the field load trainable."""
+    model = gp.prune(timm.create_model(TINY, pretrained=False, num_classes=3), torch.randn(1, 3, 32, 32), ratio=0.5)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("fc."))
+    folder = gio.save(model, tmp_path / "frozen")
+    loaded = gio.load(folder)
+    assert {n: p.requires_grad for n, p in loaded.named_parameters()} == {
+        n: p.requires_grad for n, p in model.named_parameters()}
+    assert sum(p.requires_grad for p in loaded.parameters()) == 2  # fc.weight and fc.bias
+    record = json.loads((folder / gio.RECORD_FILE).read_text())
+    for entry in record["tensors"].values():
+        entry.pop("requires_grad", None)
+    record.pop("record_sha256")  # an older record: neither field
+    (folder / gio.RECORD_FILE).write_text(json.dumps(record))
+    assert all(p.requires_grad for p in gio.load(folder).parameters())
+
+
+def test_save_refuses_a_history_that_load_would_refuse(tmp_path):
+    """A plan in the model's history whose patch load() would reject is refused when saving, not later."""
+    model = gp.prune(timm.create_model(TINY, pretrained=False, num_classes=3), torch.randn(1, 3, 32, 32), ratio=0.5)
+    plan = json.loads(model.graphprune_plans[0])
+    plan["patches"].append({"module": "conv1", "attr": "stride", "old": [2, 2], "new": [1, 1]})
+    model.graphprune_plans = [json.dumps(plan)]
+    with pytest.raises(gio.ModelFileError, match="conv1.stride, which is not an attribute channel removal changes"):
+        gio.save(model, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
