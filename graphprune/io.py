@@ -14,20 +14,36 @@ A pruned model is saved as a **directory** with two files::
   tells tools (the CLI) which example input the model is meant for.
 * ``plans``: the plans of ``model.graphprune_plans``, in the order they were applied: channel
   plans (``graphprune.plan/2``) and block plans (``graphprune.blocks/1``, :mod:`graphprune.blocks`).
-* ``tensors``: every ``state_dict`` entry: ``{name: {"shape": [...], "dtype": "float32"}}``.
+* ``tensors``: every ``state_dict`` entry: ``{name: {"shape": [...], "dtype": "float32"}}``,
+  with ``"requires_grad"`` for parameters (a frozen backbone loads frozen).
 * ``tied``: ``{alias: name}`` for entries that are the same tensor as another one; only
   ``name`` is in the safetensors file.
 * ``weights``: file name, size in bytes and SHA-256 of ``model.safetensors``.
+* ``record_sha256``: SHA-256 of the record's other fields (:func:`graphprune.io_record.record_digest`).
 
-:func:`load` builds the base model, re-applies the plans (no tracing), checks every shape
-against the record and loads the weights with ``strict=True``. Nothing is ever unpickled:
-a pickle or ``torch.save`` file offered to :func:`load` is recognized by its first bytes
-and refused. :func:`save` checks up front that the record rebuilds the model (on the meta
-device, so no memory is spent), then writes the directory atomically: both files go to a
-temporary directory next to the target, are fsynced and renamed into place (files and
-directory get the modes the umask gives any new file, e.g. 0644 and 0755); on any failure
-nothing is left behind and an existing save is kept. (Replacing a save takes two renames:
-a crash between them leaves the old save in a hidden ``.<name>.*.old`` directory beside it.)
+:func:`load` reads a directory someone else may have written, so it checks before it builds:
+the record against its schema and bounds (:mod:`graphprune.io_record`: size, nesting depth,
+types), the weights file's header (only the header is read) against the record's tensors, the
+base model built on the meta device (no memory; refused past :data:`MAX_BASE_FACTOR` times the
+stored elements) with every plan checked against it before it is expanded and applied
+(:mod:`graphprune.io_replay`: edits sized like the tensors they cut, attribute patches only of
+allowed size attributes whose current value is the recorded ``old``), then the record's hash
+and the weights' SHA-256. Only then is the model built on the CPU, re-planned and loaded with
+``strict=True``. Every damaged record raises :class:`ModelFileError` (the CLI exits 2).
+Records written before ``record_sha256`` and ``requires_grad`` existed load as before (all
+other checks apply; parameters come back trainable). The hash catches damage and edits by
+tools that do not know it; it is not a signature. Nothing is ever unpickled: a pickle or
+``torch.save`` file offered to :func:`load` is recognized by its first bytes and refused.
+
+:func:`save` checks up front that the record rebuilds the model with the checks :func:`load`
+applies (on the meta device, so no memory is spent), then writes the directory atomically
+(:mod:`graphprune.io_staging`): both files go to a temporary directory next to the target,
+are fsynced and renamed into place (files and directory get the modes the umask gives any
+new file, e.g. 0644 and 0755); on any failure, a full disk included, it raises
+:class:`ModelFileError` naming the path, nothing is left behind and an existing save is kept.
+A save killed on the way leaves hidden ``.<name>.<pid>.*.tmp`` / ``.old`` directories; the
+next save of that target removes them, and restores the previous save if the kill came
+between the two renames (so does a :func:`load` of the then missing target).
 
 timm architectures are rebuilt by name; other models by the factory named when saving
 (``save(model, path, factory="torchvision.models:resnet18")``, see
