@@ -266,8 +266,9 @@ def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, dev
         device: ``"meta"`` builds shapes only (falls back to CPU for models that cannot).
         allow_factories: factory names that may be imported besides torchvision's builders
             (:func:`graphprune.factories.resolve`).
-        max_numel: with ``device="meta"``, the most tensor elements the CPU fallback may create
-            (:class:`~graphprune.io_replay.AllocationLimit`); ``None``: no bound.
+        max_numel: with ``device="meta"``, the most tensor elements the constructor may create,
+            on the meta device or in the CPU fallback (:class:`~graphprune.io_replay.AllocationLimit`);
+            ``None``: no bound.
 
     Raises:
         ModelFileError: unknown architecture or factory, one not allowed, kwargs the
@@ -279,13 +280,18 @@ def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, dev
     """
     make = _constructor(architecture, allow_factories)
     kwargs = dict(architecture.kwargs)
+
+    def limit() -> contextlib.AbstractContextManager:
+        # counted on the meta device too: a kwarg like depth=10**9 would otherwise build modules forever
+        return io_replay.AllocationLimit(max_numel) if max_numel is not None else contextlib.nullcontext()
+
     try:
         if device == "meta":
             try:
-                with torch.device("meta"):
+                with torch.device("meta"), limit():
                     model = make(**kwargs)
             except (RuntimeError, NotImplementedError):  # an __init__ that reads tensor values
-                with io_replay.AllocationLimit(max_numel) if max_numel is not None else contextlib.nullcontext():
+                with limit():
                     model = make(**kwargs)
         else:
             model = make(**kwargs)

@@ -18,6 +18,7 @@ Any failure is a :class:`~graphprune.io_record.ModelFileError` naming the plan.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -232,7 +233,6 @@ class AllocationLimit(torch.overrides.TorchFunctionMode):
 
     SIZED = frozenset({torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn})  # size first
     SIZED_FIRST_ARG = frozenset({torch.full, torch.empty_strided})
-    COUNTED_AFTER = frozenset({torch.randint, torch.eye, torch.arange, torch.linspace, torch.tensor})
 
     def __init__(self, max_numel: int) -> None:
         super().__init__()
@@ -241,14 +241,12 @@ class AllocationLimit(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.SIZED or func in self.SIZED_FIRST_ARG:
-            size = kwargs.get("size", args[0] if args else ())
-            if func in self.SIZED and args and not isinstance(args[0], (tuple, list, torch.Size)):
-                size = args  # torch.empty(3, 4)
-            self._count(_numel(size))
+        numel = _requested_numel(func, args, kwargs, self)
+        if numel is not None:
+            self._count(numel)  # before the tensor exists
         out = func(*args, **kwargs)
-        if func in self.COUNTED_AFTER and isinstance(out, torch.Tensor):
-            self._count(out.numel())
+        if func is torch.tensor and isinstance(out, torch.Tensor):
+            self._count(out.numel())  # its data was in Python memory already
         return out
 
     def _count(self, numel: int) -> None:
@@ -256,6 +254,33 @@ class AllocationLimit(torch.overrides.TorchFunctionMode):
         if self.numel > self.max_numel:
             raise ModelFileError(f"building the model would create more than {self.max_numel} elements, far more "
                                  "than the saved weights hold; the record's architecture does not match them")
+
+
+def _requested_numel(func, args: tuple, kwargs: dict, limit: AllocationLimit) -> int | None:
+    """How many elements a factory call will create, read from its arguments; ``None``: not a factory."""
+    if func in limit.SIZED or func in limit.SIZED_FIRST_ARG:
+        size = kwargs.get("size", args[0] if args else ())
+        if func in limit.SIZED and args and not isinstance(args[0], (tuple, list, torch.Size)):
+            size = args  # torch.empty(3, 4)
+        return _numel(size)
+    try:
+        if func in (torch.linspace, torch.logspace):
+            return max(int(kwargs.get("steps", args[2] if len(args) > 2 else 0)), 0)
+        if func is torch.arange:  # arange(end), arange(start, end), arange(start, end, step), or keywords
+            values = [float(a) for a in args[:3]]
+            values = [0.0, *values] if len(values) == 1 else values
+            start = float(kwargs.get("start", values[0] if values else 0.0))
+            end = float(kwargs.get("end", values[1] if len(values) > 1 else 0.0))
+            step = float(kwargs.get("step", values[2] if len(values) > 2 else 1.0))
+            return max(math.ceil((end - start) / step), 0) if step else 0
+        if func is torch.eye:
+            n = int(args[0] if args else kwargs.get("n", 0))
+            return n * int(args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("m", n))
+        if func is torch.randint:
+            return _numel(kwargs.get("size", next((a for a in args if isinstance(a, (tuple, list, torch.Size))), ())))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None  # unusual arguments: the call itself will say what is wrong
+    return None
 
 
 def _numel(size: object) -> int:
