@@ -4,8 +4,8 @@
 is checked here *before* anything is built or allocated, and every failure is a
 :class:`ModelFileError` naming the file and the field:
 
-* the record is at most :data:`MAX_RECORD_BYTES`, nested at most :data:`MAX_DEPTH` deep (a
-  deeper document would exhaust Python's recursion), has no duplicate keys, no ``NaN``;
+* the record is at most :data:`MAX_RECORD_BYTES` (checked before it is read), nested at most
+  :data:`MAX_DEPTH` deep, has no duplicate keys, no ``NaN``;
 * every field has the type and range of the schema below (:func:`check_record`);
 * the safetensors header (read alone: 8 bytes of length, then that much JSON, at most
   :data:`MAX_HEADER_BYTES`) describes tensors that exactly fill the file
@@ -36,12 +36,11 @@ import json
 import math
 import re
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .errors import GraphpruneError
 
@@ -92,24 +91,21 @@ class TensorSpec:
 # ----------------------------------------------------------------------------- bounded JSON
 
 
-def nesting_depth(text: str) -> int:
-    """How deep ``[`` and ``{`` nest in JSON ``text`` (brackets inside strings do not count).
-
-    Linear time and no recursion, so it can run before ``json.loads`` on hostile input.
+def nesting_depth(value: object) -> int:
+    """How deep lists and dicts nest in a parsed JSON value (a scalar is 0), without recursion.
 
     Example:
-        >>> nesting_depth('{"a": [[1], "[[["], "b": {}}')
+        >>> nesting_depth({"a": [[1], "[[["], "b": {}})
         3
     """
-    skeleton = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)  # drop strings (they may hold brackets)
-    raw = np.frombuffer(skeleton.encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    depth = deepest = 0
-    for start in range(0, raw.size, 1 << 20):  # chunks keep the int32 running sum small
-        chunk = raw[start:start + (1 << 20)]
-        steps = (np.isin(chunk, (91, 123)).astype(np.int32) - np.isin(chunk, (93, 125)).astype(np.int32))
-        if steps.size:
-            running = np.cumsum(steps, dtype=np.int32) + depth
-            deepest, depth = max(deepest, int(running.max())), int(running[-1])
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return deepest
 
 
@@ -127,7 +123,8 @@ def _no_constant(name: str) -> None:
 
 
 def parse_json(raw: bytes, what: str, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
-    """``json.loads`` for untrusted bytes: size and depth bounded first, no duplicate keys, no NaN.
+    """``json.loads`` for untrusted bytes: the size bounded first, then the nesting depth (json's own
+    scanner stops cleanly at the interpreter's recursion limit), no duplicate keys, no NaN.
 
     Raises:
         ModelFileError: naming ``what`` and the problem.
@@ -146,13 +143,17 @@ def parse_json(raw: bytes, what: str, *, max_bytes: int, max_depth: int = MAX_DE
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ModelFileError(f"{what} is not UTF-8 text: {error}") from error
-    depth = nesting_depth(text)
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RecursionError as error:  # json's scanner stops at the interpreter's recursion limit, cleanly
+        raise ModelFileError(f"{what} nests deeper than {sys.getrecursionlimit()} levels; a graphprune file nests at "
+                             f"most {max_depth}") from error
+    except ValueError as error:
+        raise ModelFileError(f"{what} is not valid JSON: {error}") from error
+    depth = nesting_depth(value)
     if depth > max_depth:
         raise ModelFileError(f"{what} nests {depth} levels deep; a graphprune file nests at most {max_depth}")
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as error:
-        raise ModelFileError(f"{what} is not valid JSON: {error}") from error
+    return value
 
 
 # ----------------------------------------------------------------------------- the record's schema
