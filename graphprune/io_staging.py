@@ -11,7 +11,9 @@ behind. :func:`recover` cleans up after the saves of one target whose process is
 alone): staging directories are removed, and a previous save left in a ``.old`` directory
 is moved back to the target if the target is missing (a crash between the two renames),
 else removed. :func:`staging_dir` calls it first, and :func:`graphprune.io.load` calls it
-when the directory it is asked for is missing.
+when the directory it is asked for is missing. (Whether a process is gone is asked of this
+machine: on a folder shared between machines, do not save the same target from two of them
+at once.)
 """
 
 from __future__ import annotations

@@ -368,6 +368,33 @@ def test_saved_records_carry_their_hash(saves):
     assert data["record_sha256"] == io_record.record_digest(data)
 
 
+@pytest.mark.parametrize(("text", "max_size", "match"), [
+    ('{"format": "graphprune.plan/2", "removed": {}, "patches": [], "edits": [{"name": "w", "dim": 0, "size": 8, '
+     '"keep": [[0, 10000000000]]}]}', None, r"run \[0, 10000000000\] is not inside \[0, 8\)"),
+    ('{"format": "graphprune.plan/2", "removed": {}, "patches": [], "edits": [{"name": "w", "dim": 0, '
+     '"size": 10000000000, "keep": [[0, 10000000000]]}]}', 1000, r"size of 'w' must be an int \[1, 1000\]"),
+    ("5", None, "a plan is a JSON object, got int"),
+    ('{"format": "graphprune.plan/2", "removed": {}, "patches": [], "edits": [{"name": "w", "dim": -5, "size": 8, '
+     '"keep": [[0, 1]]}]}', None, r"dim of 'w' must be an int \[0, 63\]"),
+    ("[" * 100_000 + "]" * 100_000, None, "not a graphprune plan"),
+])
+def test_plan_from_json_checks_before_it_expands(text: str, max_size: int | None, match: str):
+    with pytest.raises(gp.InvalidArgumentError, match=match):
+        gp.Plan.from_json(text, max_size=max_size)
+
+
+@pytest.mark.parametrize(("proxy", "ok"), [([8, 16, 2], True), ([-1, 0, 0], False), ([2**21, 8, 1], False),
+                                           ([8, 8], False), ([8, 8, True], False)])
+def test_block_plan_from_json_bounds_proxies(proxy: list, ok: bool):
+    text = json.dumps({"format": gb.BLOCK_PLAN_FORMAT, "edits": [{"block": "b", "module": "b", "children": ["c"],
+                                                                 "replacement": "proxy", "proxy": proxy}]})
+    if ok:
+        assert gb.BlockPlan.from_json(text).edits[0].proxy == tuple(proxy)
+    else:
+        with pytest.raises(gp.InvalidArgumentError, match="positive ints up to"):
+            gb.BlockPlan.from_json(text)
+
+
 NO_META_FACTORY = textwrap.dedent("""
     import torch
 
