@@ -466,6 +466,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
     plans = _plans_of(model)
     state = model.state_dict(keep_vars=True)
     tensors = _tensor_record(state)
+    unknown = sorted({entry["dtype"] for entry in tensors.values()} - set(io_record.DTYPES))
+    if unknown:
+        raise ModelFileError(f"cannot save to {target}: the model has tensors of dtype {unknown}; a saved model "
+                             f"holds {', '.join(io_record.DTYPES)}")
     own = (arch.factory,) if arch.factory is not None else ()  # the caller named it: saving may import it
     plans_json = [json.loads(plan.to_json()) for plan in plans]
     rebuilt = build_model(arch, device="meta", allow_factories=own)
@@ -478,9 +482,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
             f"not have this model's tensors ({'; '.join(problems)}); was the model changed outside graphprune "
             '(e.g. a new head)? pass architecture={"timm": ..., "kwargs": {...}} with the creation arguments')
     stored, tied = _split_tied(state)
-    from safetensors.torch import save_file
-
     from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     with io_staging.staging_dir(target) as staging:
         weights = staging / WEIGHTS_FILE
@@ -500,8 +503,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
             "versions": _versions(),
         }
         record["record_sha256"] = io_record.record_digest(record)
+        io_record.check_record(record, f"cannot save to {target}")  # never write what load() would refuse
+        text = _format_record(record)
+        if len(text.encode("utf-8")) > io_record.MAX_RECORD_BYTES:
+            raise ModelFileError(f"cannot save to {target}: the record would have {len(text.encode('utf-8'))} bytes, "
+                                 f"more than the {io_record.MAX_RECORD_BYTES} load() reads")
         with open(staging / RECORD_FILE, "w", encoding="utf-8") as handle:
-            handle.write(_format_record(record))
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         (staging / RECORD_FILE).chmod(_file_mode())

@@ -300,3 +300,11 @@ def test_save_refuses_a_history_that_load_would_refuse(tmp_path):
     with pytest.raises(gio.ModelFileError, match="conv1.stride, which is not an attribute channel removal changes"):
         gio.save(model, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_a_dtype_the_format_does_not_record(tmp_path):
+    model = timm.create_model(TINY, pretrained=False, num_classes=2)
+    model.register_buffer("phase", torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(gio.ModelFileError, match=r"dtype \['complex64'\]"):
+        gio.save(model, tmp_path / "m", architecture={"timm": TINY, "kwargs": {"num_classes": 2}})
+    assert list(tmp_path.iterdir()) == []
