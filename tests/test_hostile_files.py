@@ -184,7 +184,8 @@ ROWS = (
     Row("plan-run-1e10", record(_set(_first_edit, keep=[[0, 10**10]])), r"not inside \[0, "),
     Row("plan-size-2e7", record(_set(_first_edit, size=20_000_000, keep=[[0, 20_000_000]])), "expects size 20000000"),
     Row("plan-many-runs", record(_set(_first_edit, keep=[[i, i + 1] for i in range(0, 200_000, 2)])), "not inside"),
-    Row("json-nested-200k", record_text(lambda t: t.replace('"kwargs": {', f'"deep": {_deep(200_000)}, "kwargs": {{', 1)),
+    Row("json-nested-200k",
+        record_text(lambda t: t.replace('"kwargs": {', f'"deep": {_deep(200_000)}, "kwargs": {{', 1)),
         "nests deeper than"),
     Row("json-unterminated-escapes", record_text(lambda t: t + '"' + '\\"' * 500_000), "not valid JSON"),
     Row("json-nested-in-plan", record(_set(_first_edit, keep=json.loads(_deep(40)))), "4[0-9] levels deep"),
@@ -464,8 +465,8 @@ def test_disk_full_during_save_is_a_model_file_error_naming_the_path(tmp_path):
 
 def test_the_next_save_removes_staging_folders_of_killed_saves_only(tmp_path):
     dead, alive = _dead_pid(), os.getppid()
-    for name in (f".m.{dead}.abcd1234.tmp", ".m.oldstyle.tmp", f".m.{alive}.live1234.tmp", f".other.{dead}.x1234567.tmp",
-                 f".m.{dead}.efgh5678.old"):
+    for name in (f".m.{dead}.abcd1234.tmp", ".m.oldstyle.tmp", f".m.{alive}.live1234.tmp",
+                 f".other.{dead}.x1234567.tmp", f".m.{dead}.efgh5678.old"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"\0" * 1000)
     gio.save(_tiny(), tmp_path / "m")
