@@ -4,7 +4,9 @@ What a user calls is timed: ``graphprune.recipes.image_folder_data`` + ``finetun
 release before the training path was rebuilt (commit ``a16caf2``, extracted from git into a
 temporary package ``_gp_old`` so both live in one process) against today's
 ``image_folder_data`` + ``finetune_`` with the run's :class:`~graphprune.recipes.Placement`
-(CPU: fp32, ``channels_last`` for conv nets; CUDA: bf16 autocast). Each measurement is one
+(CPU: fp32, ``channels_last`` for conv nets; CUDA: bf16 autocast) and BatchNorm statistics
+frozen, the recipes' default before pruning (``--norm-stats train`` times today's loop with
+batch statistics, as the old loop always ran). Each measurement is one
 ``finetune_`` call of ``--steps`` optimizer steps on the same ImageFolder split, same model
 (ImageNet EfficientNet-Lite0), same image size and batch; evaluation is kept to one 8-image
 batch so the call is dominated by training. Rounds alternate old / new, and the figure is
@@ -22,6 +24,7 @@ import argparse
 import csv
 import importlib
 import io
+import os
 import statistics
 import subprocess
 import sys
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4, help="interleaved old/new rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--norm-stats", choices=("frozen", "train"), default="frozen",
+                        help="today's BatchNorm setting (default: the recipes' default before pruning, frozen)")
     parser.add_argument("--out", type=Path, default=RESULTS / "throughput.csv")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     new_model = source  # only for the data config; each call gets a fresh copy below
     new_data = R.image_folder_data(root, new_model, image_size=args.image_size, batch_size=args.batch_size)
     new_data = R.TransferData(new_data.train, _small_val(new_data.val), new_data.class_names)
-    new_config = R.FinetuneConfig(epochs=1, lr=1e-4, max_batches_per_epoch=args.steps)
+    new_config = R.FinetuneConfig(epochs=1, lr=1e-4, max_batches_per_epoch=args.steps, norm_stats=args.norm_stats)
 
     import copy
 
@@ -119,12 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     row = {"model": "tf_efficientnet_lite0", "image_size": args.image_size, "batch_size": args.batch_size,
            "steps_per_call": args.steps, "rounds": args.rounds, "threads": args.threads,
            "device": str(placement.device), "new_channels_last": placement.channels_last, "new_bf16": placement.bf16,
+           "new_norm_stats": args.norm_stats, "load_avg_1m": round(os.getloadavg()[0], 2),
            "old_img_s": round(rates["old"], 2), "new_img_s": round(rates["new"], 2),
            "speedup": round(rates["new"] / rates["old"], 3),
            "old_rounds_s": " ".join(f"{s:.2f}" for s in seconds["old"]),
            "new_rounds_s": " ".join(f"{s:.2f}" for s in seconds["new"]), **env}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     new_file = not args.out.exists()
+    if not new_file:
+        with open(args.out, newline="") as handle:
+            if next(csv.reader(handle), []) != list(row):
+                raise SystemExit(f"{args.out} has other columns; delete it (or pass --out) for a fresh CSV")
     with open(args.out, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(row))
         if new_file:
