@@ -545,8 +545,8 @@ def plot(rows: list[dict], path: Path) -> None:
             compute.plot([0], [st["test_accuracy"]], "D", color="black", label="S->T (0 %)")
         seeds = sorted({r["seed"] for r in rows if r["task"] == task})
         ax.set_title(f"{task}: S->TP->T and TransTailor (seeds {', '.join(seeds)})", fontsize=10)
-        compute.set_title(f"{task}: zero-shot structured pruning at the S->T training budget "
-                          "(steps x batch x MACs)", fontsize=10)
+        compute.set_title(f"{task}: SP->T at the S->T training budget (MACs spent training)", fontsize=10)
+        compute.set_xlim(-3, 75)
         for target in (ax, compute):
             target.set_xlabel("measured FLOPs (MACs) reduction, %")
             target.set_ylabel("test accuracy (mean ± std over seeds)")
