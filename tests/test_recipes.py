@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -286,12 +285,6 @@ def test_transtailor_search_returns_best_folded_step():
 # ----------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
@@ -306,9 +299,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_ranks_end_identical(tmp_path):
+def test_ddp_two_ranks_end_identical(tmp_path, free_port):
     start = time.perf_counter()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["plans"] == ranks[1]["plans"] and ranks[0]["plans"]
     assert ranks[0]["state"].keys() == ranks[1]["state"].keys()

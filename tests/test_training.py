@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -264,12 +263,6 @@ def test_recipe_runs_on_cuda_in_bf16():
     assert 0.0 <= result.val_accuracy <= 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _nccl_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), TORCHELASTIC_RUN_ID="test")
@@ -285,9 +278,9 @@ def _nccl_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 @needs_cuda
-def test_ddp_on_cuda_selects_nccl_and_ranks_end_identical(tmp_path):
+def test_ddp_on_cuda_selects_nccl_and_ranks_end_identical(tmp_path, free_port):
     world_size = min(2, torch.cuda.device_count())  # one rank per GPU; one GPU still runs NCCL + DDP
-    mp.spawn(_nccl_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(_nccl_worker, args=(world_size, free_port, str(tmp_path)), nprocs=world_size, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     assert {r["backend"] for r in results} == {"nccl"}
     for other in results[1:]:

@@ -36,8 +36,8 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
     Example:
         >>> from graphprune.cli import build_parser
         >>> args = build_parser().parse_args(["transfer", "resnet18", "--data", "d", "-o", "out"])
-        >>> args.recipe, args.flops_reduction, args.image_size
-        ('s_tp_t', 0.3, 128)
+        >>> args.recipe, args.image_size, _configs(args).prune.flops_reduction  # the budget defaults to 0.3
+        ('s_tp_t', 128, 0.3)
     """
     from .config import FinetuneConfig
 

@@ -18,6 +18,7 @@ once per image and epoch.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ class TransferData:
     def num_classes(self) -> int:
         """Number of target classes."""
         return len(self.class_names)
+
+    @property
+    def unaugmented_train(self) -> DataLoader:
+        """The training split as the probe, class means and BatchNorm re-estimates read it:
+        ``train_eval`` when there is one, else ``train``."""
+        return self.train_eval if self.train_eval is not None else self.train
 
     def example_inputs(self) -> torch.Tensor:
         """One validation image, batch 1: the example input the recipes trace with.
@@ -166,6 +173,12 @@ class DecodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def with_transform(self, transform) -> DecodedImages:
+        """The same decoded images (shared, not copied) under another transform."""
+        view = copy.copy(self)
+        view.transform = transform
+        return view
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index]
         return (self.transform(image) if self.transform is not None else image), self.targets[index]
@@ -243,9 +256,7 @@ class _Split:
             return view
         if self._decoded is None:
             self._decoded = DecodedImages(self.folder, self.short_side_px)
-        view = DecodedImages.__new__(DecodedImages)
-        view.__dict__.update(self._decoded.__dict__, transform=transform)
-        return view
+        return self._decoded.with_transform(transform)
 
 
 def _transforms(config: dict, augment: bool, scale: tuple[float, float]):

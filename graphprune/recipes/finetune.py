@@ -20,7 +20,6 @@ NumPy and the loader's shuffle generator from its seed, so a stage is a function
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections.abc import Iterator
@@ -235,7 +234,7 @@ def evaluate(model: nn.Module, loader, ctx: DistContext = DistContext(), placeme
         model.eval()
         with torch.no_grad():
             for images, targets in (eval_shard(loader, ctx) if hasattr(loader, "dataset") else loader):
-                with placement.autocast() if placement is not None else contextlib.nullcontext():
+                with (placement or Placement()).autocast():
                     logits = model(images)
                 correct += int((logits.argmax(dim=1) == targets).sum())
                 total += int(targets.numel())

@@ -11,7 +11,6 @@ candidate's accuracy right after this step already predicts its accuracy after f
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -59,7 +58,7 @@ def recalibrate_norms_(model: nn.Module, batches: Iterable, *, max_batches: int 
             for index, (images, _) in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
                     break
-                with placement.autocast() if placement is not None else contextlib.nullcontext():
+                with (placement or Placement()).autocast():
                     model(images)
     finally:
         for norm, momentum in momenta:

@@ -49,7 +49,7 @@ def extract_features(model: nn.Module, loader: Iterable, placement: Placement | 
         model.eval()
         with torch.no_grad():
             for images, targets in loader:
-                with placement.autocast() if placement is not None else torch.autocast("cpu", enabled=False):
+                with (placement or Placement()).autocast():
                     f, _ = features_and_logits(model, images)
                 features.append(f.float().cpu())
                 labels.append(targets.cpu())
@@ -96,8 +96,7 @@ def _fit_on_main(model: nn.Module, data: TransferData, grid: Sequence[float], pl
     classifier = classifier_of(model)
     if not isinstance(classifier, nn.Linear):
         raise InvalidArgumentError(f"the linear probe needs an nn.Linear classifier, got {type(classifier).__name__}")
-    train_x, train_y = extract_features(model, data.train_eval if data.train_eval is not None else data.train,
-                                        placement)
+    train_x, train_y = extract_features(model, data.unaugmented_train, placement)
     val_x, val_y = extract_features(model, data.val, placement)
     best: dict | None = None
     init = None

@@ -127,8 +127,7 @@ def recalibrate_after_removal_(model: nn.Module, data: TransferData, batches: in
     """
     if batches == 0:
         return 0
-    train = data.train_eval if data.train_eval is not None else data.train
-    return recalibrate_norms_(model, train, max_batches=batches, placement=placement)
+    return recalibrate_norms_(model, data.unaugmented_train, max_batches=batches, placement=placement)
 
 
 def full_model_class_means(model: nn.Module, data: TransferData, *, ctx: DistContext = DistContext(),
@@ -143,6 +142,5 @@ def full_model_class_means(model: nn.Module, data: TransferData, *, ctx: DistCon
         >>> full_model_class_means(model, TransferData(loader, loader, ("a", "b")), progress=False).shape
         torch.Size([2, 512])
     """
-    train = data.train_eval if data.train_eval is not None else data.train  # unaugmented when available
-    return on_main(ctx, lambda: class_means(model, train, data.num_classes,
+    return on_main(ctx, lambda: class_means(model, data.unaugmented_train, data.num_classes,
                                             progress=progress and ctx.is_main))
