@@ -162,6 +162,49 @@ def test_label_smoothing_changes_the_loss_it_reports():
     assert records[1] != pytest.approx(records[0], rel=1e-3)
 
 
+def test_distillation_pulls_the_student_towards_the_teacher_and_leaves_the_teacher_alone():
+    data = _toy_task()
+    teacher = _toy_model()
+    R.finetune_(teacher, data, R.FinetuneConfig(epochs=3, lr=1e-2), seed=0, progress=False)
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    images = torch.cat([x for x, _ in data.val])
+    with torch.no_grad():
+        target = teacher.eval()(images).softmax(1)
+    teacher.train()
+    gaps = {}
+    for weight in (0.0, 0.9):
+        student = _toy_model()
+        record = R.finetune_(student, data, R.FinetuneConfig(epochs=3, lr=1e-2, distill=weight), seed=2,
+                             progress=False, teacher=teacher)
+        assert record.details["distill"] == weight
+        with torch.no_grad():
+            gaps[weight] = float((student.eval()(images).softmax(1) - target).abs().sum(1).mean())
+    assert gaps[0.9] < gaps[0.0]  # same seed, same steps: only the loss differs
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+
+
+def test_distillation_needs_a_teacher_and_a_weight_in_range():
+    with pytest.raises(gp.InvalidArgumentError, match="needs a teacher"):
+        R.finetune_(_toy_model(), _toy_task(), R.FinetuneConfig(epochs=1, distill=0.5), progress=False)
+    for bad in (dict(distill=1.5), dict(distill=-0.1), dict(distill_temperature=0)):
+        with pytest.raises(gp.InvalidArgumentError, match="distill"):
+            R.FinetuneConfig(**bad)
+    config = R.TransferConfig(prune=R.PruneConfig(ratio=0.3, flops_reduction=None),
+                              target=R.FinetuneConfig(epochs=1, distill=0.5), run=R.RunConfig(progress=False))
+    with pytest.raises(gp.InvalidArgumentError, match="no fine-tuned model to distill from"):
+        R.sp_t(_toy_model(), _toy_task(), config)
+
+
+def test_s_tp_t_distills_the_pruned_model_from_the_fine_tuned_one():
+    config = R.TransferConfig(source=R.FinetuneConfig(epochs=1), prune=R.PruneConfig(ratio=0.3, flops_reduction=None),
+                              target=R.FinetuneConfig(epochs=1, distill=0.5), run=R.RunConfig(progress=False))
+    model, result = R.s_tp_t(_toy_model(), _toy_task(), config)
+    assert result.stage("target").details["distill"] == 0.5
+    assert result.final.macs < result.base_macs
+
+
 def test_timm_optimizer_names_are_accepted_and_unknown_ones_refused():
     assert R.FinetuneConfig(optimizer="lamb").optimizer == "lamb"
     with pytest.raises(gp.InvalidArgumentError, match="not a timm optimizer"):

@@ -85,6 +85,11 @@ class FinetuneConfig:
             ``"train"`` (at -50 % MACs, 2 epochs, val: target_taylor 0.653 train vs 0.618 frozen,
             l1 0.412 vs 0.447; without the re-estimate, frozen fell to 0.15). Frozen
             statistics also tolerate less learning rate: keep ``lr`` near the default.
+        distill: weight ``a`` of knowledge distillation from a teacher (the recipes pass the
+            fine-tuned model before pruning): the loss is ``(1 - a) * CE + a * T^2 *
+            KL(softmax(teacher / T) || softmax(student / T))`` (Hinton et al. 2015). 0: plain
+            cross entropy; it needs a ``teacher`` in :func:`~graphprune.recipes.finetune.finetune_`.
+        distill_temperature: the softmax temperature ``T`` of the distillation term.
         max_batches_per_epoch: cap on batches per epoch (small smoke runs); ``None``: all.
     """
 
@@ -99,6 +104,8 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     ema_decay: float | None = None
     norm_stats: str = "frozen"
+    distill: float = 0.0
+    distill_temperature: float = 2.0
     max_batches_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
@@ -117,6 +124,8 @@ class FinetuneConfig:
             _number("FinetuneConfig.layer_decay", self.layer_decay, low=0.0, high=1.0, low_open=True)
         _number("FinetuneConfig.weight_decay", self.weight_decay, low=0.0)
         _number("FinetuneConfig.warmup_fraction", self.warmup_fraction, low=0.0, high=1.0, high_open=True)
+        _number("FinetuneConfig.distill", self.distill, low=0.0, high=1.0)
+        _number("FinetuneConfig.distill_temperature", self.distill_temperature, low=0.0, low_open=True)
         _number("FinetuneConfig.label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
         if self.ema_decay is not None:
             _number("FinetuneConfig.ema_decay", self.ema_decay, low=0.0, high=1.0, low_open=True, high_open=True)

@@ -1,9 +1,10 @@
 """Fine-tuning and evaluation: the training loop every recipe stage uses.
 
 One loop serves all stages: ``full`` or ``linear`` (classifier only, backbone frozen and in
-eval mode), an optionally frozen classifier (classifier reuse), and an optional class-mean
+eval mode), an optionally frozen classifier (classifier reuse), an optional class-mean
 alignment term ``lambda * (1 - cos(f_i, c_{y_i}))`` on the penultimate features ``f_i`` (timm's
-``forward_head(forward_features(x), pre_logits=True)``). Under DDP the loss module is wrapped
+``forward_head(forward_features(x), pre_logits=True)``) and optional distillation from a
+teacher's logits (the loss: :class:`~graphprune.recipes.objective.Objective`). Under DDP the loss module is wrapped
 in ``DistributedDataParallel``, so gradients are averaged however the loss is built.
 ``requires_grad`` and train/eval mode are restored on exit, even on error.
 
@@ -30,7 +31,6 @@ import timm.optim
 import timm.scheduler
 import timm.utils
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,58 +40,8 @@ from .config import FinetuneConfig
 from .data import TransferData
 from .device import Placement
 from .distributed import DistContext, all_reduce_sum, eval_shard, sync_state_, train_shard
+from .objective import Objective, classifier_of, features_and_logits, teaching  # noqa: F401  (re-exported)
 from .records import StageRecord
-
-
-def classifier_of(model: nn.Module) -> nn.Module:
-    """The classifier module (timm's ``get_classifier()``).
-
-    Example:
-        >>> import timm
-        >>> classifier_of(timm.create_model("resnet18", pretrained=False, num_classes=3)).out_features
-        3
-    """
-    getter = getattr(model, "get_classifier", None)
-    if not callable(getter) or not isinstance(getter(), nn.Module):
-        raise InvalidArgumentError(f"{type(model).__name__} has no timm get_classifier(); recipes need timm models")
-    return getter()
-
-
-def features_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features ``(B, D)`` and logits ``(B, K)`` by the timm contract, in one pass.
-
-    Example:
-        >>> import timm, torch
-        >>> model = timm.create_model("resnet18", pretrained=False, num_classes=3).eval()
-        >>> x = torch.randn(2, 3, 32, 32)
-        >>> f, logits = features_and_logits(model, x)
-        >>> tuple(f.shape), torch.allclose(logits, model(x), atol=1e-5)
-        ((2, 512), True)
-    """
-    features = model.forward_head(model.forward_features(images), pre_logits=True)
-    return features, classifier_of(model)(features)
-
-
-class _Objective(nn.Module):
-    """``CE(logits, y) [+ weight * mean(1 - cos(f, c_y))]``; a module so DDP can wrap it."""
-
-    def __init__(self, model: nn.Module, class_means: torch.Tensor | None, weight: float,
-                 label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.model = model
-        self.weight = weight
-        self.class_means = class_means
-        self.label_smoothing = label_smoothing
-
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.class_means is None or self.weight == 0:
-            return F.cross_entropy(self.model(images).float(), targets, label_smoothing=self.label_smoothing)
-        features, logits = features_and_logits(self.model, images)
-        features = features.float()
-        centers = self.class_means.to(features)[targets]  # (B, D): each sample's class mean
-        alignment = (1.0 - F.cosine_similarity(features, centers, dim=1)).mean()
-        return (F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
-                + self.weight * alignment)
 
 
 @contextmanager
@@ -268,7 +218,8 @@ def measure_record(model: nn.Module, data: TransferData, name: str, kind: str, s
 def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, name: str = "finetune",
               freeze_classifier: bool = False, class_means: torch.Tensor | None = None,
               alignment_weight: float = 0.0, epoch_scale: float = 1.0, ctx: DistContext = DistContext(),
-              seed: int = 0, progress: bool = True, placement: Placement | None = None) -> StageRecord:
+              seed: int = 0, progress: bool = True, placement: Placement | None = None,
+              teacher: nn.Module | None = None) -> StageRecord:
     """Fine-tune ``model`` in place on ``data.train``; evaluate on ``data.val``.
 
     Args:
@@ -285,6 +236,8 @@ def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, n
         seed: seeds torch, ``random``, NumPy and the data order of this stage.
         progress: show a tqdm bar (rank 0).
         placement: device, bf16 autocast and memory layout; ``None``: the model's device, fp32.
+        teacher: the model distilled from when ``config.distill > 0`` (same classes; it is
+            only run forward, in eval mode).
 
     Returns:
         The stage's record: validation accuracy, MACs, parameters, steps, mean training loss.
@@ -300,6 +253,8 @@ def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, n
     """
     if alignment_weight > 0 and class_means is None:
         raise InvalidArgumentError("alignment_weight > 0 needs class_means")
+    if config.distill > 0 and teacher is None:
+        raise InvalidArgumentError("FinetuneConfig.distill > 0 needs a teacher model")
     placement = placement or Placement(device=next(model.parameters()).device)
     start = time.perf_counter()
     loader = train_shard(data.train, ctx, seed)
@@ -308,8 +263,9 @@ def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, n
     if steps > 0:
         seed_everything(seed, loader)
         placement.model_(model)
-        with _trainable(model, config.mode, freeze_classifier, config.norm_stats):
-            objective: nn.Module = _Objective(model, class_means, alignment_weight, config.label_smoothing)
+        with _trainable(model, config.mode, freeze_classifier, config.norm_stats), teaching(teacher, placement):
+            objective: nn.Module = Objective(model, class_means, alignment_weight, config.label_smoothing,
+                                              teacher, config.distill, config.distill_temperature)
             if ctx.enabled:
                 ids = [placement.device.index] if placement.device.type == "cuda" else None
                 objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
@@ -358,4 +314,5 @@ def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, n
                           details={"mode": config.mode, "norm_stats": config.norm_stats,
                                    "freeze_classifier": freeze_classifier,
                                    "alignment_weight": alignment_weight, "epoch_scale": epoch_scale,
+                                   "distill": config.distill if teacher is not None else 0.0,
                                    **placement.to_dict()})

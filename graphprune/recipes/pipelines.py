@@ -151,10 +151,17 @@ class _Run:
             return None
         return full_model_class_means(self.model, self.data, ctx=self.ctx, progress=self.progress)
 
-    def target_options(self, class_means: torch.Tensor | None) -> dict:
-        """Keyword arguments of the fine-tuning after pruning: reuse, alignment, epoch scale."""
+    def teacher(self) -> nn.Module | None:
+        """A frozen copy of ``self.model`` (the fine-tuned full model) to distill from after
+        pruning, if the target stage still needs one (``target.distill > 0``)."""
+        if self.config.target.distill == 0 or self.store.done("target"):
+            return None
+        return copy.deepcopy(self.model).eval()
+
+    def target_options(self, class_means: torch.Tensor | None, teacher: nn.Module | None = None) -> dict:
+        """Keyword arguments of the fine-tuning after pruning: reuse, alignment, distillation, epoch scale."""
         prune = self.config.prune
-        options: dict = {"freeze_classifier": prune.classifier_reuse}
+        options: dict = {"freeze_classifier": prune.classifier_reuse, "teacher": teacher}
         if class_means is not None:
             options.update(alignment_weight=prune.alignment_weight, class_means=class_means)
         if prune.scale_epochs:
@@ -206,7 +213,9 @@ def s_tp_t(model: nn.Module, data: TransferData, config: TransferConfig | None =
 
     With ``prune.classifier_reuse`` the classifier of the fine-tuned full model stays frozen
     during ``target``; with ``prune.alignment_weight`` > 0 the loss adds
-    ``lambda * (1 - cos(f_i, c_{y_i}))`` with class means of the fine-tuned full model.
+    ``lambda * (1 - cos(f_i, c_{y_i}))`` with class means of the fine-tuned full model; with
+    ``target.distill`` > 0 the pruned model also learns the fine-tuned full model's logits
+    (knowledge distillation).
 
     Args:
         model: the source (pretrained) timm model; not modified.
@@ -232,8 +241,9 @@ def s_tp_t(model: nn.Module, data: TransferData, config: TransferConfig | None =
     run.probe()
     run.stage("source", run.finetune("source", config.source))
     means = run.class_means()  # run.model is the fine-tuned full model here, trained now or resumed
+    teacher = run.teacher()
     run.stage("prune", run.prune("prune"))
-    run.stage("target", run.finetune("target", config.target, **run.target_options(means)))
+    run.stage("target", run.finetune("target", config.target, **run.target_options(means, teacher)))
     return run.finish()
 
 
@@ -266,6 +276,9 @@ def sp_t(model: nn.Module, data: TransferData, config: TransferConfig | None = N
     """
     config = config or TransferConfig()
     _check_prune(config.prune, "SP->T")
+    if config.target.distill > 0:
+        raise InvalidArgumentError("SP->T has no fine-tuned model to distill from; set target.distill=0 "
+                                   "(S->TP->T distills from its fine-tuned full model)")
     run = _Run("SP->T", model, data, config)
     run.probe()  # data-driven scorers then see a head that fits the target classes
     means = run.class_means()  # of the unpruned source, with the target's fresh classifier

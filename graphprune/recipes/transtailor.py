@@ -95,6 +95,8 @@ def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig 
     run.probe()
     run.stage("source", run.finetune("source", config.source))
     best_accuracy = run.store.record("source").val_accuracy
+    # with finetune.distill > 0 every step learns the fine-tuned full model's logits
+    teacher = copy.deepcopy(run.model).eval() if config.finetune.distill > 0 else None
     best: tuple[str, float, nn.Module | None] | None = None
     base_macs = run.store.base_macs
     for step in range(1, config.max_steps + 1):
@@ -103,7 +105,7 @@ def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig 
             run.model = run.load(name)
             record = run.store.record(name)
         else:
-            record = _search_step(run, name, step, config, base_macs)
+            record = _search_step(run, name, step, config, base_macs, teacher)
         accuracy = record.val_accuracy
         if best is None or accuracy > best[1]:
             best = (name, accuracy, None if run.store.directory else copy.deepcopy(run.model))
@@ -115,7 +117,8 @@ def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig 
     return chosen, run.store.result()
 
 
-def _search_step(run: _Run, name: str, step: int, config: TransTailorConfig, base_macs: int) -> StageRecord:
+def _search_step(run: _Run, name: str, step: int, config: TransTailorConfig, base_macs: int,
+                 teacher: nn.Module | None) -> StageRecord:
     start = time.perf_counter()
     ctx = run.ctx
     plan_json, factors = on_main(ctx, lambda: _prune_step_on_main(run.model, run.data, config, run.progress))
@@ -128,7 +131,7 @@ def _search_step(run: _Run, name: str, step: int, config: TransTailorConfig, bas
     with applied_factors(run.model, factors):  # frozen beta: plain tensors, never in the optimizer
         pruned_accuracy = evaluate(run.model, run.data.val, ctx, run.placement)
         record = finetune_(run.model, run.data, config.finetune, name=name, ctx=ctx, seed=run.config.run.seed + step,
-                           progress=run.progress, placement=run.placement)
+                           progress=run.progress, placement=run.placement, teacher=teacher)
     fold_factors_(run.model, factors)
     details = {**record.details, "val_accuracy_before_finetune": pruned_accuracy,
                "flops_reduction": 1.0 - record.macs / base_macs if base_macs else 0.0,
