@@ -6,12 +6,17 @@ as *heads*: when a reshape split them from a projection, heads become the prunin
 (so ``head_dim`` and the attention scale stay exactly as trained). With a single head only
 ``head_dim`` is left to prune; ``scaled_dot_product_attention`` without an explicit ``scale``
 derives its scale from that dim, so there it is marked as a statistic (like a layer norm's dim).
+
+Grouped-query attention (``enable_gqa=True``: fewer key/value heads than query heads) couples
+each kv head, k with v, to the query heads that read it: the pruning unit is one kv head with
+its whole query group, so the group size (``num_key_value_groups``) never changes.
 """
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 
 from . import register_rule
@@ -22,14 +27,16 @@ from ..elements import TensorInfo
 
 def _einsum_info(ctx: Context, spec: str, operands: list, out_shape: tuple[int, ...], *, heads: bool,
                  cost: bool = True) -> TensorInfo:
+    """Couple the dims of an einsum; an operand is a tensor or an ``(info, shape)`` view of one."""
     inputs, output = spec.replace(" ", "").split("->")
     terms = inputs.split(",")
     letters: dict[str, list] = {}
     sizes: dict[str, int] = {}
     for term, t in zip(terms, operands):
+        info, shape = t if isinstance(t, tuple) else (ctx.info(t), tuple(t.shape))
         for d, letter in enumerate(term):
-            letters.setdefault(letter, []).append((ctx.info(t).dims[d], t.shape[d]))
-            sizes[letter] = max(sizes.get(letter, 1), t.shape[d])
+            letters.setdefault(letter, []).append((info.dims[d], shape[d]))
+            sizes[letter] = max(sizes.get(letter, 1), shape[d])
     merged = {letter: merge_dims(ctx.store, column, sizes[letter]) for letter, column in letters.items()}
     if cost:
         macs = 1
@@ -82,7 +89,7 @@ def _sdpa(ctx: Context, call: Call) -> list[TensorInfo]:
     out = call.outputs[0]
     n = q.dim()
     batch = _alphabet(n - 2, start=3)
-    operands, terms = [q, k, v], [batch + "xy", batch + "zy", batch + "zw"]
+    operands, terms = [q, *_kv_per_query_head(ctx, call, q, k, v)], [batch + "xy", batch + "zy", batch + "zw"]
     if isinstance(mask, type(q)) and mask.is_floating_point() and mask.dim() == n:
         operands.append(mask)
         terms.append(batch + "xz")
@@ -97,3 +104,32 @@ def _sdpa(ctx: Context, call: Call) -> list[TensorInfo]:
     ctx.add_cost(size * q.shape[-1], lead + [ctx.info(q).dims[-1]])
     ctx.add_cost(size * v.shape[-1], lead + [info.dims[-1]])
     return [info]
+
+
+def _kv_per_query_head(ctx: Context, call: Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
+    """Key and value as the product sees them: with ``enable_gqa``, repeated per query head.
+
+    Grouped-query attention (``enable_gqa=True``, ``(B, Hq, T, D)`` queries against
+    ``(B, Hkv, S, D)`` keys and values) lets query head ``h`` read kv head ``h // (Hq // Hkv)``,
+    as ``repeat_interleave`` would. Viewing k and v that way couples each query head with its kv
+    head, so one kv head and its ``Hq // Hkv`` query heads are one channel: removing it keeps
+    ``Hq // Hkv`` (Hugging Face's ``num_key_value_groups``) and is exactly what the eager
+    ``repeat_kv`` path gives. With a single kv head (multi-query attention) the repeated head dim
+    has no channel, so the query heads are frozen, as on the eager path.
+    """
+    if not call.arg(7, "enable_gqa", False) or q.dim() < 3 or k.shape[-3] == q.shape[-3]:
+        return [k, v]
+    heads_q, heads_kv = q.shape[-3], k.shape[-3]
+    if heads_kv < 1 or heads_q % heads_kv or v.shape[-3] != heads_kv:
+        ctx.freeze_all([q, k, v])  # not a shape SDPA accepts; nothing to infer
+        return [k, v]
+    repeat = heads_q // heads_kv
+    views = []
+    for t in (k, v):
+        dims = list(ctx.info(t).dims)
+        head = dims[-3]
+        dims[-3] = None if head is None else np.repeat(head, repeat)
+        shape = list(t.shape)
+        shape[-3] = heads_q
+        views.append((TensorInfo(tuple(dims)), tuple(shape)))
+    return views

@@ -1,0 +1,136 @@
+"""Hugging Face transformers: grouped-query attention, GPT-2's Conv1D, config sync.
+
+Every model is a tiny config built offline (no hub access) and runs in float64, so the
+zero-then-remove checks hold to rounding: the channels a plan removes are zeroed in their
+producers first, and removing them must then leave the outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune.api import apply_verified_
+from graphprune.testing import pick_channels, zero_channels_
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, HEADS, HEAD_DIM, VOCAB = 64, 4, 16, 128
+
+
+def _decoder(family: str, kv_heads: int = 2, attn: str = "sdpa", lm_head: bool = False) -> torch.nn.Module:
+    """A 2-layer Llama or Qwen2 (Qwen2 has q/k/v biases, Llama none) with ``kv_heads`` kv heads."""
+    config_cls, base, causal = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaModel, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2Model, transformers.Qwen2ForCausalLM),
+    }[family]
+    config = config_cls(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=HEADS,
+                        num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=64,
+                        tie_word_embeddings=False)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = (causal if lm_head else base)(config).double().eval()
+    _randomize_norms(model)
+    return model
+
+
+def _randomize_norms(model: torch.nn.Module) -> None:
+    """Norm weights start at 1 and biases at 0, which would hide a wrong index map."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+def _ids(batch: int = 2, tokens: int = 7) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(1))
+
+
+def _output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def _zero_then_remove(model: torch.nn.Module, x: torch.Tensor, ratio: float = 0.5, *,
+                      exact_only: bool = True) -> tuple[float, float, gp.Plan]:
+    """Zero ``ratio`` of every group's exactly-removable channels, remove them; (max diff, max |out|, plan)."""
+    zeroed = copy.deepcopy(model)
+    groups = gp.find_groups(gp.trace(zeroed, x), model=zeroed)
+    picked = pick_channels(groups, ratio, exact_only=exact_only)
+    zero_channels_(zeroed, groups, picked)
+    expected = _output(zeroed, x)
+    plan, dropped = apply_verified_(zeroed, groups, gp.make_plan(groups, removed=picked), (x,))
+    assert not dropped, dropped
+    got = _output(zeroed, x)
+    assert got.shape == expected.shape
+    return float((got - expected).abs().max()), float(expected.abs().max()), plan
+
+
+def _attention_group(groups: gp.Groups, layer: int) -> gp.ChannelGroup:
+    name = f"layers.{layer}.self_attn.q_proj.weight"
+    found = [g for g in groups.all if any(m.name == name and m.dim == 0 for m in g.members)]
+    assert len(found) == 1, [g.describe() for g in found]
+    return found[0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_gqa_kv_head_is_one_channel_with_its_query_group(family: str, attn: str) -> None:
+    """One channel per kv head: its k and v rows and the rows of its 2 query heads (SDPA's
+    ``enable_gqa`` path and the eager ``repeat_kv`` path agree)."""
+    model = _decoder(family, attn=attn)
+    groups = gp.find_groups(gp.trace(model, _ids()), model=model)
+    for layer in range(2):
+        group = _attention_group(groups, layer)
+        members = {(m.name.split("self_attn.")[1], m.dim): m.channel for m in group.members}
+        assert group.size == 2 and group.prunable.all()
+        np.testing.assert_array_equal(members[("q_proj.weight", 0)], np.repeat([0, 1], 2 * HEAD_DIM))
+        np.testing.assert_array_equal(members[("o_proj.weight", 1)], np.repeat([0, 1], 2 * HEAD_DIM))
+        np.testing.assert_array_equal(members[("k_proj.weight", 0)], np.repeat([0, 1], HEAD_DIM))
+        np.testing.assert_array_equal(members[("v_proj.weight", 0)], np.repeat([0, 1], HEAD_DIM))
+        assert (("k_proj.bias", 0) in members) == (family == "qwen2")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_gqa_zero_then_remove_is_exact(family: str, attn: str) -> None:
+    model = _decoder(family, attn=attn)
+    # the eager path's softmax marks every dim of the logits a statistic, heads included (a zeroed
+    # head's logits are uniform, not zero); its zeroed values make the head's output zero all the same
+    diff, scale, plan = _zero_then_remove(model, _ids(), exact_only=attn == "sdpa")
+    removed = {e.name: e.size - len(e.keep) for e in plan.edits}
+    for layer in range(2):  # one kv head of two, with its two query heads, in every layer
+        prefix = f"layers.{layer}.self_attn."
+        assert removed[prefix + "k_proj.weight"] == removed[prefix + "v_proj.weight"] == HEAD_DIM
+        assert removed[prefix + "q_proj.weight"] == removed[prefix + "o_proj.weight"] == 2 * HEAD_DIM
+    assert scale > 0.1 and diff < 1e-12, (diff, scale)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_gqa_prune_runs_and_keeps_the_group_size(family: str) -> None:
+    model, ids = _decoder(family), _ids()
+    small = gp.prune(model, ids, ratio=0.5)
+    for layer in small.layers:
+        attention = layer.self_attn
+        assert attention.k_proj.out_features == attention.v_proj.out_features == HEAD_DIM
+        assert attention.q_proj.out_features == attention.o_proj.in_features == 2 * HEAD_DIM
+        assert attention.num_key_value_groups == 2
+    assert _output(small, ids).shape == _output(model, ids).shape
+    unchanged = gp.prune(model, ids, ratio=0.0)
+    assert torch.equal(_output(unchanged, ids), _output(model, ids))
+
+
+def test_multi_query_attention_freezes_query_heads() -> None:
+    """One kv head shared by all query heads: removing a query head would change the group
+    size the model reads from ``num_key_value_groups``, so query heads stay (the MLP prunes)."""
+    model = _decoder("llama", kv_heads=1)
+    groups = gp.find_groups(gp.trace(model, _ids()), model=model)
+    q_rows = [g for g in groups for m in g.members if m.name.endswith("q_proj.weight") and m.dim == 0]
+    assert not q_rows
+    diff, scale, _ = _zero_then_remove(model, _ids())
+    assert scale > 0.1 and diff < 1e-12
