@@ -87,13 +87,25 @@ def _affine(ctx: Context, x_dim: np.ndarray | None, size: int, vectors: list) ->
                "torch.instance_norm")
 def _batch_norm(ctx: Context, call: Call) -> list[TensorInfo]:
     x = call.args[0]
-    names = ["running_mean", "running_var", "weight", "bias"]
-    if "instance_norm" in call.name:
-        names = ["running_mean", "running_var", "weight", "bias"]
+    names = ["running_mean", "running_var", "weight", "bias"]  # the four vectors, in either order
     vectors = [call.arg(1 + i, n) for i, n in enumerate(names)]
     dims = list(ctx.info(x).dims)
     dims[1] = _affine(ctx, dims[1], x.shape[1], vectors)
+    if "batch_norm" in call.name and _batch_statistics(call):
+        # the mean and variance are taken over every dim but 1: in weight standardization
+        # (timm's StdConv2d / ScaledStdConv2d: batch_norm of weight.reshape(1, C_out, -1)) that
+        # is each filter's fan-in, so removing an input channel re-standardizes the filter
+        for d, elems in enumerate(dims):
+            if d != 1:
+                ctx.store.mark_statistic(elems)
     return [TensorInfo(tuple(dims))]
+
+
+def _batch_statistics(call: Call) -> bool:
+    """Whether a batch norm normalizes with the statistics of its input (training mode or no running stats)."""
+    if call.name == "torch.batch_norm":
+        return bool(call.arg(5, "training", False)) or call.arg(3, "running_mean") is None
+    return bool(call.arg(5, "training", False)) or call.arg(1, "running_mean") is None
 
 
 @register_rule("torch.nn.functional.layer_norm", "torch.layer_norm", "torch.nn.functional.rms_norm",
