@@ -76,7 +76,7 @@ class Link:
 
 @dataclass
 class ElementStore:
-    """Allocates element ids and records unions, freezes, links and head marks."""
+    """Allocates element ids and records unions, freezes, links, head marks and parameter roles."""
 
     size: int = 0
     _pairs_a: list[np.ndarray] = field(default_factory=list)
@@ -85,6 +85,7 @@ class ElementStore:
     _heads: list[np.ndarray] = field(default_factory=list)
     _stats: list[np.ndarray] = field(default_factory=list)
     _frozen_why: list[str] = field(default_factory=list)
+    _roles: dict[int, str] = field(default_factory=dict)  # first element of a parameter dim -> its role
     current: str = ""  # what is being traced now; recorded with every freeze
     links: list[Link] = field(default_factory=list)
 
@@ -162,6 +163,27 @@ class ElementStore:
         ids = ids[ids >= 0]
         if ids.size:
             self._stats.append(ids)
+
+    def mark_role(self, ids: np.ndarray | None, role: str) -> None:
+        """Record that the parameter dim ``ids`` produces (``"out"``) or consumes (``"in"``) its channels.
+
+        Only rules that know better than the default (dim 1 of a 2-d+ weight consumes, every
+        other dim produces) mark roles, e.g. an ``(in, out)`` weight in ``addmm``.
+        """
+        if ids is not None and np.size(ids):
+            self._roles[int(np.asarray(ids).ravel()[0])] = role
+
+    def role_of(self, ids: np.ndarray) -> str | None:
+        """The role recorded for the parameter dim ``ids`` (see :meth:`mark_role`), or ``None``.
+
+        Example:
+            >>> store = ElementStore()
+            >>> w = store.new(4)
+            >>> store.mark_role(w, "in")
+            >>> store.role_of(w), store.role_of(store.new(2))
+            ('in', None)
+        """
+        return self._roles.get(int(ids[0])) if self._roles and ids.size else None
 
     def statistic_classes(self, labels: np.ndarray) -> np.ndarray:
         """Boolean mask over classes: True where some statistic is taken over the class."""

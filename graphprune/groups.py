@@ -147,8 +147,13 @@ class Groups:
         return "\n".join(lines)
 
 
-def _role(name: str, dim: int, param_dim: int) -> str:
-    return "in" if dim == 1 and param_dim >= 2 and name.endswith("weight") else "out"
+def _role(graph: TraceGraph, name: str, dim: int, elems: np.ndarray) -> str:
+    """``"in"`` for a dim that consumes its channels: the one a rule marked so (an ``(in, out)``
+    weight in ``addmm``), else dim 1 of a 2-d+ weight; ``"out"`` otherwise."""
+    marked = graph.store.role_of(elems)
+    if marked is not None:
+        return marked
+    return "in" if dim == 1 and len(graph.state_infos[name].dims) >= 2 and name.endswith("weight") else "out"
 
 
 def classifier_names(model: nn.Module) -> tuple[str, ...]:
@@ -265,8 +270,8 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
             name, dim, cls = entries[k]
             channel = np.where(cls >= 0, lookup[np.maximum(cls, 0)], -1)
             channel.setflags(write=False)
-            ndim = len(graph.state_infos[name].dims)
-            members.append(Member(name, dim, channel, _role(name, dim, ndim)))
+            elems = graph.state_infos[name].dims[dim]
+            members.append(Member(name, dim, channel, _role(graph, name, dim, elems)))
             counts = np.bincount(channel[channel >= 0], minlength=group_classes.size)
             width = np.maximum(width, counts)
         lookup[group_classes] = -1

@@ -27,7 +27,8 @@ is skipped, never guessed from. The rules, in the order tried:
 
 Attributes with no witness keep their value and are listed by :func:`unresolved` (the zoo
 test asserts it is empty for every zoo model). Only models with a timm ``pretrained_cfg``
-are touched. Depth pruning (:mod:`graphprune.blocks`) changes no width.
+are touched. Depth pruning (:mod:`graphprune.blocks`) changes no width. Hugging Face models
+follow their own contract instead (:mod:`graphprune.hf_contract`: module widths and config).
 
 Example:
     >>> import timm, torch, graphprune as gp
@@ -47,6 +48,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import hf_contract
 
 Slot = tuple[str, str, int | None]  # (module name, attribute, index into a tuple / list attribute or None)
 
@@ -233,6 +236,8 @@ def find_witnesses(model: nn.Module) -> dict[Slot, Witness | None]:
         >>> witnesses[("", "head_hidden_size", None)]
         Witness(tensor='fc.weight', dim=1)
     """
+    if hf_contract.is_hf_model(model):
+        return hf_contract.find_ties(model)
     if not is_timm_model(model):
         return {}
     resolver = _Resolver(model)
@@ -331,6 +336,9 @@ def apply_witnesses_(model: nn.Module, witnesses: Mapping[Slot, Witness | None])
         >>> model.head_hidden_size
         100
     """
+    if hf_contract.is_hf_model(model):
+        hf_contract.apply_ties_(model, witnesses)
+        return
     if not witnesses:
         return
     info = getattr(model, "feature_info", None)

@@ -134,3 +134,35 @@ def test_multi_query_attention_freezes_query_heads() -> None:
     assert not q_rows
     diff, scale, _ = _zero_then_remove(model, _ids())
     assert scale > 0.1 and diff < 1e-12
+
+
+def _gpt2(attn: str = "sdpa") -> torch.nn.Module:
+    config = transformers.GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=HEADS, vocab_size=VOCAB, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(config).double().eval()
+    _randomize_norms(model)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gpt2_conv1d_prunes_heads_and_mlp_exactly(attn: str) -> None:
+    """``Conv1D`` is ``addmm(bias, x, weight)`` with an ``(in, out)`` weight: its columns are the
+    producing side, and ``nf`` / ``split_size`` / ``num_heads`` follow the cut weights."""
+    model = _gpt2(attn)
+    groups = gp.find_groups(gp.trace(model, _ids()), model=model)
+    roles = {(m.name, m.dim): m.role for g in groups for m in g.members}
+    assert roles[("h.0.attn.c_attn.weight", 1)] == roles[("h.0.mlp.c_fc.weight", 1)] == "out"
+    assert roles[("h.0.attn.c_proj.weight", 0)] == roles[("h.0.mlp.c_proj.weight", 0)] == "in"
+    diff, scale, plan = _zero_then_remove(model, _ids(), exact_only=attn == "sdpa")
+    removed = {e.name: e.size - len(e.keep) for e in plan.edits}
+    assert removed["h.0.attn.c_attn.weight"] == 3 * 2 * HEAD_DIM and removed["h.1.mlp.c_fc.weight"] == 128
+    assert scale > 0.1 and diff < 1e-12, (diff, scale)
+
+    small = gp.prune(model, _ids(), ratio=0.5)
+    attention = small.h[0].attn
+    assert attention.c_attn.nf == 3 * attention.split_size == 3 * 2 * HEAD_DIM and attention.num_heads == 2
+    assert attention.c_proj.nf == HIDDEN and attention.c_proj.nx == 2 * HEAD_DIM  # nf == nx before: not confused
+    assert small.h[0].mlp.c_fc.nf == 128
+    assert _output(small, _ids()).shape == _output(model, _ids()).shape

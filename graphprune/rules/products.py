@@ -1,4 +1,4 @@
-"""Tensor products: matmul, einsum and scaled dot-product attention.
+"""Tensor products: matmul, addmm, einsum and scaled dot-product attention.
 
 A contracted dim couples both operands' channels; batch dims couple across operands and
 the output. Channel dims used as batch dims of an attention-style product are marked
@@ -69,6 +69,39 @@ def _matmul(ctx: Context, call: Call) -> list[TensorInfo]:
     term_a = prefix[batch - (a.dim() - 2):] + "xy"
     term_b = prefix[batch - (b.dim() - 2):] + "yz"
     return [_einsum_info(ctx, f"{term_a},{term_b}->{prefix}xz", [a, b], tuple(out.shape), heads=batch > 0)]
+
+
+@register_rule(*spellings("addmm", "baddbmm"))
+def _addmm(ctx: Context, call: Call) -> list[TensorInfo]:
+    """``beta * input + alpha * (mat1 @ mat2)``: a product whose result is added to ``input``.
+
+    Hugging Face's ``Conv1D`` (GPT-2) is ``addmm(bias, x, weight)`` with ``weight`` stored
+    ``(in, out)``: the contracted dim is the weight's input side. ``input`` broadcasts like
+    the second operand of an addition.
+    """
+    base, mat1, mat2 = call.arg(0, "input"), call.arg(1, "mat1", call.arg(1, "batch1")), \
+        call.arg(2, "mat2", call.arg(2, "batch2"))
+    out = call.outputs[0]
+    if not all(isinstance(t, torch.Tensor) for t in (base, mat1, mat2)) or base.dim() > out.dim():
+        ctx.freeze_all([t for t in (base, mat1, mat2) if isinstance(t, torch.Tensor)])
+        return [TensorInfo.free(out.dim())]
+    batch = _alphabet(out.dim() - 2, start=3)
+    product = _einsum_info(ctx, f"{batch}xy,{batch}yz->{batch}xz", [mat1, mat2], tuple(out.shape), heads=False)
+    _mark_weight_roles(ctx, [mat1, mat2], [f"{batch}xy", f"{batch}yz"], f"{batch}xz")
+    base_info, lead = ctx.info(base), out.dim() - base.dim()
+    dims = [merge_dims(ctx.store, [(product.dims[d], out.shape[d])] +
+                       ([(base_info.dims[d - lead], base.shape[d - lead])] if d >= lead else []), out.shape[d])
+            for d in range(out.dim())]
+    return [TensorInfo(tuple(dims))]
+
+
+def _mark_weight_roles(ctx: Context, operands: list, terms: list[str], output: str) -> None:
+    """A parameter operand of a product consumes its contracted dims and produces its kept ones."""
+    for t, term in zip(operands, terms):
+        if not isinstance(t, torch.nn.Parameter):
+            continue
+        for letter, dim in zip(term, ctx.info(t).dims):
+            ctx.store.mark_role(dim, "out" if letter in output else "in")
 
 
 @register_rule("torch.einsum", "torch.functional.einsum")
