@@ -24,11 +24,14 @@ from .tracer import trace
 from . import measurement  # noqa: E402  (gp.measurement.measure / compare)
 from .io import load, save  # noqa: E402
 from . import blocks  # noqa: E402  (gp.blocks.find_blocks / apply_block_plan_)
+from . import hf_contract  # noqa: E402  (gp.hf_contract.config_mismatches / sync_config_)
+from .uniform import prune_uniform, uniform_selection  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttrPatch", "ChannelGroup", "blocks", "GraphpruneError", "Groups", "InvalidArgumentError", "Member", "ParamEdit",
     "Plan", "PlanConfig", "PruneError", "SCORERS", "TraceGraph", "UnsupportedModelError", "apply_plan_", "classifier_names",
-    "find_groups", "get_scorer", "load", "measurement", "save", "make_plan", "prune", "prune_", "register_scorer", "removal_table", "select_channels", "trace",
+    "find_groups", "get_scorer", "hf_contract", "load", "measurement", "save", "make_plan", "prune", "prune_", "prune_uniform", "register_scorer", "removal_table", "select_channels", "trace",
+    "uniform_selection",
 ]

@@ -166,3 +166,89 @@ def test_gpt2_conv1d_prunes_heads_and_mlp_exactly(attn: str) -> None:
     assert attention.c_proj.nf == HIDDEN and attention.c_proj.nx == 2 * HEAD_DIM  # nf == nx before: not confused
     assert small.h[0].mlp.c_fc.nf == 128
     assert _output(small, _ids()).shape == _output(model, _ids()).shape
+
+
+def _encoder(family: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A 2-layer BERT (token ids) or ViT (32x32 images, 16 patches), float64, eval mode."""
+    kw = dict(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=HEADS)
+    torch.manual_seed(0)
+    if family == "bert":
+        model, x = transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, **kw)), _ids()
+    else:
+        model = transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, **kw))
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = model.double().eval()
+    _randomize_norms(model)
+    return model, x
+
+
+def _any_model(family: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    if family in ("bert", "vit"):
+        return _encoder(family)
+    if family == "gpt2":
+        return _gpt2(), _ids()
+    return _decoder(family), _ids()
+
+
+# config after prune_uniform(ratio=0.5): heads where the config has head_dim, MLP widths everywhere
+UNIFORM = {
+    "llama": {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": HEAD_DIM, "intermediate_size": 48},
+    "qwen2": {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": HEAD_DIM, "intermediate_size": 48},
+    "vit": {"num_attention_heads": 2, "head_dim": HEAD_DIM, "intermediate_size": 48},
+    "bert": {"num_attention_heads": HEADS, "intermediate_size": 48},
+    "gpt2": {"num_attention_heads": HEADS, "n_inner": 128},
+}
+
+
+@pytest.mark.parametrize("family", list(UNIFORM))
+def test_uniform_prune_survives_save_and_from_pretrained(family: str, tmp_path) -> None:
+    model, x = _any_model(family)
+    small = gp.prune_uniform(model, x, ratio=0.5)
+    assert {k: getattr(small.config, k) for k in UNIFORM[family]} == UNIFORM[family]
+    assert small.config.hidden_size == HIDDEN  # the residual stream is the model's output
+    assert gp.hf_contract.config_mismatches(small) == []
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert model.config.intermediate_size if family != "gpt2" else model.config.n_inner is None  # input untouched
+    small.save_pretrained(tmp_path)
+    loaded = type(small).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert loaded.dtype == torch.float64
+    assert torch.equal(_output(loaded, x), _output(small, x))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_heads_pruned_where_the_config_cannot_hold_them_are_reported(family: str) -> None:
+    """``gp.prune`` still removes heads of BERT / GPT-2 (the model runs), but their config derives
+    the head size from ``hidden_size // num_attention_heads``: the mismatch is listed."""
+    model, x = _any_model(family)
+    small = gp.prune(model, x, ratio=0.5)
+    mismatches = gp.hf_contract.config_mismatches(small)
+    assert mismatches and all("attn" in m or "attention" in m for m in mismatches), mismatches
+
+
+def test_config_left_alone_where_layers_differ() -> None:
+    model, ids = _decoder("llama"), _ids()
+    groups = gp.find_groups(gp.trace(model, ids), model=model)
+    first = _attention_group(groups, 0)
+    small = copy.deepcopy(model)
+    gp.apply_plan_(small, gp.make_plan(groups, removed={first.id: (1,)}))  # layer 0 only
+    assert small.config.num_attention_heads == HEADS and small.config.num_key_value_heads == 2
+    assert gp.hf_contract.sync_config_(small) == ["num_attention_heads", "num_key_value_heads"]
+    assert any(m.startswith("layers.0.self_attn.q_proj.weight") for m in gp.hf_contract.config_mismatches(small))
+
+
+def test_undone_removal_restores_the_config() -> None:
+    """A removal undone by :func:`restore_on_error` (how a failed verification undoes one) puts
+    the old config object back on every module that shared it."""
+    from graphprune.removal import restore_on_error
+
+    model, ids = _decoder("llama"), _ids()
+    config = model.config
+    groups = gp.find_groups(gp.trace(model, ids), model=model)
+    plan = gp.make_plan(groups, gp.get_scorer("l1")(groups, model), ratio=0.5)
+    with pytest.raises(RuntimeError, match="undo"):
+        with restore_on_error(model):
+            gp.apply_plan_(model, plan)
+            assert model.config.num_attention_heads == 2 and model.layers[0].self_attn.config is model.config
+            raise RuntimeError("undo")
+    assert model.config is config and model.layers[0].self_attn.config is config
+    assert config.num_attention_heads == HEADS and model.layers[0].self_attn.q_proj.out_features == HIDDEN
