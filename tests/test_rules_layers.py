@@ -104,3 +104,79 @@ def test_nf_resnet26_exact_picks_skip_every_standardized_input() -> None:
     error, n, _ = removal_error(model, (x,), pick_channels(g, 0.3, seed=0, exact_only=False))
     assert n > 1000 and error > 1e-3  # the marked channels really are not removable invisibly
     assert_ratio_zero_is_identity(model, (x,))
+
+
+# --- channels that move in blocks: pixel shuffles, channel shuffle ------------------------------
+
+def _shuffled(shuffle: nn.Module, c_in: int, c_mid: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, c_in, 1), nn.ReLU(), shuffle, nn.Conv2d(c_mid, 6, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(6, 2, 1))
+
+
+@pytest.mark.parametrize("shuffle, c_in, c_mid, width", [
+    (nn.PixelShuffle(2), 16, 4, 4), (nn.PixelUnshuffle(2), 4, 16, 4), (nn.ChannelShuffle(4), 16, 16, 4)])
+def test_shuffles_remove_whole_blocks_exactly(shuffle: nn.Module, c_in: int, c_mid: int, width: int) -> None:
+    torch.manual_seed(0)
+    net = _shuffled(shuffle, c_in, c_mid)
+    x = torch.randn(1, 3, 8, 8)
+    g = groups_of(net, x)
+    unit = group_with(g, "0.weight", 0)
+    assert unit.prunable.all() and set(unit.width.tolist()) == {width}
+    assert ("3.weight", 1) in members(unit)
+    error, _, pruned = removal_error(net, (x,), {unit.id: tuple(range(0, unit.size, 2))})
+    assert error <= 1e-12
+    assert pruned[0].out_channels == c_in // 2 and pruned[3].in_channels == c_mid // 2
+    small = gp.prune(net, x, ratio=0.5)  # before: pixel_shuffle's wrong group failed verification
+    assert small(x).shape == net(x).shape and small[0].out_channels == c_in // 2
+    assert_ratio_zero_is_identity(net, (x,))
+
+
+# --- new_zeros and friends, F.normalize ---------------------------------------------------------
+
+class MaskedPad(nn.Module):
+    """Swin-style: a mask from ``x.new_zeros`` (spatial), and a channel pad sized from ``x.shape``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.proj(x)
+        b, c, h, w = x.shape
+        mask = x.new_zeros((h, w))
+        mask[: h // 2] = 1.0
+        x = torch.cat([x * mask, x.new_zeros(b, c, 1, w)], dim=2) + torch.zeros_like(x[:, :, :1])
+        return self.out(F.normalize(x, dim=1))
+
+
+class OnesPad(MaskedPad):
+    def forward(self, x):
+        x = self.proj(x)
+        b, c, h, w = x.shape
+        return self.out(torch.cat([x + torch.full_like(x, 2.0), x.new_ones(b, c, 1, w)], dim=2))
+
+
+def test_new_zeros_and_normalize_keep_channels_prunable_and_exact() -> None:
+    torch.manual_seed(0)
+    net = MaskedPad()
+    x = torch.randn(1, 3, 6, 6)
+    g = groups_of(net, x)
+    assert not g.graph.unsupported
+    unit = group_with(g, "proj.weight", 0)
+    assert unit.prunable.all() and not unit.statistic.any() and ("out.weight", 1) in members(unit)
+    error, n, pruned = removal_error(net, (x,), ratio=0.5)
+    assert n == 4 and error <= 1e-12 and pruned.proj.out_channels == 4
+    assert_ratio_zero_is_identity(net, (x,))
+
+
+def test_normalize_with_negative_p_is_a_statistic() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    net[1].forward = lambda x: F.normalize(x, p=-1.0, dim=-1)
+    g = groups_of(net, torch.randn(2, 4))
+    assert group_with(g, "0.weight", 0).statistic.all()
+
+
+def test_nonzero_constants_keep_channels_prunable_but_not_invisible() -> None:
+    g = groups_of(OnesPad(), torch.randn(1, 3, 6, 6))
+    unit = group_with(g, "proj.weight", 0)
+    assert not g.graph.unsupported and unit.prunable.all() and unit.statistic.all()

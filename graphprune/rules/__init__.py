@@ -41,6 +41,6 @@ def register_rule(*names: str) -> Callable[[Rule], Rule]:
 
 
 # rule modules register themselves on import
-from . import elementwise, layers, movement, products, reductions  # noqa: E402,F401
+from . import creation, elementwise, layers, movement, products, reductions, shuffle  # noqa: E402,F401
 
 __all__ = ["Call", "Context", "RULES", "register_rule"]

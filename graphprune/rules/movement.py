@@ -40,7 +40,7 @@ MOVEMENT = spellings(
     "cat", "concat", "concatenate", "stack", "hstack", "vstack", "split", "split_with_sizes",
     "tensor_split", "chunk", "unbind", "__getitem__", "narrow", "select", "movedim", "moveaxis",
     "roll", "flip", "index_select", "gather", "take_along_dim", "repeat_interleave", "unfold",
-    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "tile", "broadcast_to",
+    "tile", "broadcast_to",  # pixel and channel shuffles move channels in blocks: rules/shuffle.py
     functional=True,
 ) + ["torch.nn.functional.pad", "torch._C._nn.pad", "torch.Tensor.T.__get__", "torch.Tensor.mT.__get__",
    "torch.functional.split"]

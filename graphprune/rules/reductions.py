@@ -60,3 +60,29 @@ def _spatial(ctx: Context, call: Call) -> list[TensorInfo]:
     info = ctx.info(x)
     return [TensorInfo(info.dims[:2] + (None,) * (out.dim() - 2)) if out.dim() >= 2 else TensorInfo.free(out.dim())
             for out in call.outputs]
+
+
+@register_rule("torch.nn.functional.normalize")
+def _normalize(ctx: Context, call: Call) -> list[TensorInfo]:
+    """``x / max(||x||_p, eps)`` along ``dim``: a zeroed channel adds nothing to a p-norm with
+    ``p >= 0`` (``inf`` included), so removing it leaves every other value unchanged; a
+    negative ``p`` (``-inf``: the smallest magnitude) is changed by zeros, so it is a statistic.
+
+    Example:
+        >>> import torch, graphprune as gp
+        >>> class Embed(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.proj = torch.nn.Linear(4, 8)
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.normalize(self.proj(x), dim=-1).sum(-1)
+        >>> group = gp.find_groups(gp.trace(Embed(), torch.randn(2, 4)))[0]
+        >>> group.size, bool(group.statistic.any())
+        (8, False)
+    """
+    x = call.args[0]
+    p, dim = float(call.arg(1, "p", 2.0)), int(call.arg(2, "dim", 1))
+    info = ctx.info(x)
+    if p < 0:
+        ctx.store.mark_statistic(info.dims[dim % x.dim()])
+    return [info]
