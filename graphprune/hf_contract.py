@@ -231,10 +231,26 @@ def sync_config_(model: nn.Module) -> list[str]:
     return unsynced
 
 
-def config_mismatches(model: nn.Module) -> list[str]:
-    """Parameters whose shape the model's config does not reproduce (empty: it round-trips).
+def mismatched_parameters(model: nn.Module) -> dict[str, tuple[tuple[int, ...] | None, tuple[int, ...]]]:
+    """Parameters whose shape the model's config does not reproduce: name -> (config's, model's).
 
     Builds ``type(model)(model.config)`` on the meta device, so nothing is allocated.
+
+    Example:
+        >>> import transformers
+        >>> model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4))
+        >>> model.h[0].mlp.c_fc.weight = torch.nn.Parameter(torch.zeros(32, 100))
+        >>> mismatched_parameters(model)
+        {'h.0.mlp.c_fc.weight': ((32, 128), (32, 100))}
+    """
+    with torch.device("meta"):
+        rebuilt = type(model)(copy.deepcopy(model.config))
+    expected = {n: tuple(p.shape) for n, p in rebuilt.named_parameters()}
+    return {n: (expected.get(n), tuple(p.shape)) for n, p in model.named_parameters() if expected.get(n) != p.shape}
+
+
+def config_mismatches(model: nn.Module) -> list[str]:
+    """:func:`mismatched_parameters` as sentences (empty: the model round-trips through its config).
 
     Example:
         >>> import transformers
@@ -242,9 +258,4 @@ def config_mismatches(model: nn.Module) -> list[str]:
         >>> config_mismatches(model)
         []
     """
-    with torch.device("meta"):
-        rebuilt = type(model)(copy.deepcopy(model.config))
-    expected = {n: tuple(p.shape) for n, p in rebuilt.named_parameters()}
-    found = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return [f"{n}: config gives {expected.get(n)}, model has {shape}" for n, shape in found.items()
-            if expected.get(n) != shape]
+    return [f"{n}: config gives {want}, model has {have}" for n, (want, have) in mismatched_parameters(model).items()]

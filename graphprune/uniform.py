@@ -102,7 +102,9 @@ def prune_uniform(model: nn.Module, example_inputs: ExampleInputs = None, *, rat
 
     The pruned copy's config reproduces every parameter shape
     (:func:`graphprune.hf_contract.config_mismatches` is empty), so it survives
-    ``save_pretrained`` -> ``from_pretrained``.
+    ``save_pretrained`` -> ``from_pretrained``. A kind of group whose removal the config
+    cannot describe (GPT-2's residual width: its head size is ``n_embd // n_head``) is left
+    whole and the plan applied again, at most :data:`_ATTEMPTS` times.
 
     Args:
         model: any ``nn.Module``; the input model is not modified.
@@ -121,22 +123,35 @@ def prune_uniform(model: nn.Module, example_inputs: ExampleInputs = None, *, rat
         >>> prune_uniform(net, torch.randn(1, 4), ratio=0.5)[0].out_features
         4
     """
+    score_fn = get_scorer(scorer)
+    traced = copy.deepcopy(model)
+    args = as_args(traced, example_inputs)
+    groups = find_groups(trace(traced, args), ignore=ignore, model=traced)
+    scores = score_fn(groups, traced, **dict(scorer_options or {}))
+    hf = hf_contract.is_hf_model(traced)
+    keep_heads = hf and getattr(traced.config, "model_type", None) not in hf_contract.HEAD_DIM_IN_CONFIG
+    removed = uniform_selection(groups, scores, ratio=ratio, keep_heads=keep_heads)
+    for _ in range(_ATTEMPTS):
+        pruned, bad = _apply_uniform(model, groups, removed, args, hf)
+        if not bad:
+            return pruned
+        kinds = {group_kind(groups.by_id(gid)) for gid in removed
+                 if any(m.name in bad for m in groups.by_id(gid).members)}
+        removed = {gid: ch for gid, ch in removed.items() if group_kind(groups.by_id(gid)) not in kinds}
+    raise PruneError("the pruned model's config cannot describe it: " + "; ".join(sorted(bad)[:5]))
+
+
+_ATTEMPTS = 3
+
+
+def _apply_uniform(model: nn.Module, groups: Groups, removed: dict, args: tuple, hf: bool) -> tuple[nn.Module, set]:
+    """Apply ``removed`` to a fresh copy; (the copy, parameters its config does not reproduce)."""
     from .api import apply_verified_, record_plan
 
-    score_fn = get_scorer(scorer)
     pruned = copy.deepcopy(model)
-    args = as_args(pruned, example_inputs)
-    groups = find_groups(trace(pruned, args), ignore=ignore, model=pruned)
-    scores = score_fn(groups, pruned, **dict(scorer_options or {}))
-    hf = hf_contract.is_hf_model(pruned)
-    keep_heads = hf and getattr(pruned.config, "model_type", None) not in hf_contract.HEAD_DIM_IN_CONFIG
-    removed = uniform_selection(groups, scores, ratio=ratio, keep_heads=keep_heads)
     applied, dropped = apply_verified_(pruned, groups, make_plan(groups, removed=removed), args)
     if dropped:
         raise PruneError(f"groups {sorted(dropped)} break the model when pruned, so the plan is not uniform: "
                          f"{dropped}; pass their modules in ignore=")
-    mismatches = hf_contract.config_mismatches(pruned) if hf else []
-    if mismatches:
-        raise PruneError("the pruned model's config cannot describe it: " + "; ".join(mismatches[:5]))
     record_plan(pruned, applied)
-    return pruned
+    return pruned, set(hf_contract.mismatched_parameters(pruned)) if hf else set()

@@ -252,3 +252,23 @@ def test_undone_removal_restores_the_config() -> None:
             raise RuntimeError("undo")
     assert model.config is config and model.layers[0].self_attn.config is config
     assert config.num_attention_heads == HEADS and model.layers[0].self_attn.q_proj.out_features == HIDDEN
+
+
+def test_uniform_prune_of_causal_lms_cuts_what_the_config_can_hold(tmp_path) -> None:
+    """With a language-model head the residual stream is prunable. Llama's config holds a narrower
+    ``hidden_size`` next to ``head_dim``; GPT-2's cannot (head size is ``n_embd // n_head``), so its
+    residual kind (cut on the first try, with the heads kept) is left whole on the second and only
+    the MLP width changes."""
+    llama = _decoder("llama", lm_head=True)
+    small = gp.prune_uniform(llama, _ids(), ratio=0.25)
+    assert (small.config.hidden_size, small.config.head_dim, small.config.intermediate_size) == (48, HEAD_DIM, 72)
+    small.save_pretrained(tmp_path / "llama")
+    loaded = type(small).from_pretrained(tmp_path / "llama", dtype=torch.float64).eval()
+    assert torch.equal(_output(loaded, _ids()), _output(small, _ids()))
+
+    config = transformers.GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=HEADS, vocab_size=VOCAB, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    gpt2 = transformers.GPT2LMHeadModel(config).double().eval()
+    small = gp.prune_uniform(gpt2, _ids(), ratio=0.25)
+    assert (small.config.n_embd, small.config.n_inner) == (HIDDEN, 192)
+    assert gp.hf_contract.config_mismatches(small) == []
