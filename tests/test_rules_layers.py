@@ -68,6 +68,58 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# --- transposed convolutions -------------------------------------------------------------------
+
+class Decoder(nn.Module):
+    def __init__(self, dim: int = 2, groups: int = 1, output_padding: int = 1):
+        super().__init__()
+        conv, up = (nn.Conv1d, nn.ConvTranspose1d) if dim == 1 else (nn.Conv2d, nn.ConvTranspose2d)
+        if dim == 3:
+            conv, up = nn.Conv3d, nn.ConvTranspose3d
+        self.enc = conv(3, 8, 3, padding=1)
+        self.up = up(8, 12, 3, stride=2, padding=1, output_padding=output_padding, groups=groups)
+        self.mid = up(12, 12, 3, padding=1, groups=groups)
+        self.out = conv(12, 2, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.mid(torch.relu(self.up(torch.relu(self.enc(x)))))))
+
+
+@pytest.mark.parametrize("dim, groups", [(1, 1), (2, 1), (3, 1), (2, 2), (2, 4)])
+def test_transposed_conv_prunes_inputs_and_outputs_exactly(dim: int, groups: int) -> None:
+    torch.manual_seed(0)
+    net = Decoder(dim, groups)
+    x = torch.randn(1, 3, *([6] * dim))
+    g = groups_of(net, x)
+    inner = group_with(g, "up.weight", 0)  # enc's outputs are up's inputs (weight dim 0)
+    assert ("enc.weight", 0) in members(inner) and inner.prunable.all()
+    outer = group_with(g, "up.bias", 0)
+    assert ("mid.weight", 0) in members(outer) and outer.prunable.all()
+    error, n, pruned = removal_error(net, (x,))
+    assert n >= 2 and error <= 1e-12
+    up = pruned.up
+    assert up.weight.shape[0] == up.in_channels == pruned.enc.out_channels < 8
+    assert up.out_channels == up.weight.shape[1] * up.groups == pruned.mid.in_channels < 12
+    # few wide groups keep their number (and narrow); many small ones are removed whole
+    assert (up.groups == groups) if groups < 8 // groups else (up.groups < groups and up.weight.shape[1] == 12 // groups)
+    assert up.output_padding == (1,) * dim
+    assert_ratio_zero_is_identity(net, (x,))
+
+
+def test_depthwise_transposed_conv_loses_whole_groups() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.ConvTranspose2d(8, 16, 2, stride=2, groups=8), nn.ReLU(),
+                        nn.Conv2d(16, 2, 1))
+    x = torch.randn(1, 3, 5, 5)
+    g = groups_of(net, x)
+    unit = group_with(g, "2.weight", 0)
+    assert unit.size == 8 and set(unit.width.tolist()) == {2}  # one channel in, two out per group
+    assert not any(("2.weight", 1) in members(other) for other in g)  # the per-group dim stays
+    error, _, pruned = removal_error(net, (x,), {unit.id: (1, 4, 6)})
+    assert error <= 1e-12
+    assert pruned[2].groups == 5 and pruned[2].weight.shape == (5, 2, 2, 2) and pruned[2].out_channels == 10
+
+
 # --- weight statistics: standardized filters (timm StdConv2d / ScaledStdConv2d, NF-ResNets) ----
 
 def test_standardized_filter_inputs_are_a_statistic_and_its_outputs_prune_exactly() -> None:

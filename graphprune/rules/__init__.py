@@ -41,6 +41,8 @@ def register_rule(*names: str) -> Callable[[Rule], Rule]:
 
 
 # rule modules register themselves on import
-from . import creation, elementwise, layers, movement, products, reductions, shuffle  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    creation, elementwise, layers, movement, products, reductions, shuffle, transposed,
+)
 
 __all__ = ["Call", "Context", "RULES", "register_rule"]
