@@ -13,7 +13,7 @@ The pipeline, one public verb per stage::
 """
 
 from .api import prune, prune_
-from .errors import GraphpruneError, InvalidArgumentError, PruneError, UnsupportedModelError
+from .errors import GraphpruneError, InvalidArgumentError, PruneError, UnsupportedModelError, UntracedCodeError
 from .graph import TraceGraph
 from .groups import ChannelGroup, Groups, Member, classifier_names, find_groups
 from .plan import AttrPatch, ParamEdit, Plan, PlanConfig, make_plan, removal_table, select_channels
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttrPatch", "ChannelGroup", "blocks", "GraphpruneError", "Groups", "InvalidArgumentError", "Member", "ParamEdit",
-    "Plan", "PlanConfig", "PruneError", "SCORERS", "TraceGraph", "UnsupportedModelError", "apply_plan_", "classifier_names",
+    "Plan", "PlanConfig", "PruneError", "SCORERS", "TraceGraph", "UnsupportedModelError", "UntracedCodeError", "apply_plan_", "classifier_names",
     "find_groups", "get_scorer", "hf_contract", "load", "measurement", "save", "make_plan", "prune", "prune_", "prune_uniform", "register_scorer", "removal_table", "select_channels", "trace",
     "uniform_selection",
 ]

@@ -7,109 +7,25 @@ customize any stage.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
-from ._runtime import paused_gc, sorted_unique
+from ._runtime import paused_gc
 from .budget import check_flops_reduction, select_for_flops
 from .errors import InvalidArgumentError, PruneError
 from .groups import Groups, find_groups
-from .inputs import ExampleInputs, as_args
+from .inputs import ExampleInputs, as_examples
 from .plan import Plan, PlanConfig, _check_ratio, make_plan
-from .removal import apply_plan_, apply_unguarded_, restore_on_error
-from .rules.context import flat_tensors
+from .removal import apply_plan_
 from .scoring import get_scorer
 from .scoring.registry import Scorer
-from .tracer import preserved_state, trace
+from .tracer import trace
+from .verify import Examples, apply_verified_, as_example_list, check_coverage
 
-
-def _run(model: nn.Module, args: tuple) -> list[tuple[int, ...]]:
-    with preserved_state(model), torch.no_grad():
-        model.eval()
-        return [tuple(o.shape) for o in flat_tensors(model(*args))]
-
-
-def _check(model: nn.Module, args: tuple, expected: tuple[tuple[int, ...], ...]) -> str | None:
-    """None if the model runs and gives outputs of the expected shapes, else what went wrong."""
-    try:
-        shapes = _run(model, args)
-    except Exception as error:  # the pruned model's own failure is the report
-        return f"{type(error).__name__}: {error}"
-    if tuple(shapes) != tuple(expected):
-        return f"output shapes changed from {list(expected)} to {shapes}"
-    return None
-
-
-def _suspects(groups: Groups, plan: Plan) -> list[int]:
-    """Groups whose sizes appear as integer arguments of traced ops (reshape targets, split sizes)."""
-    graph = groups.graph
-    owner = np.full(graph.frozen.size, -1, dtype=np.int64)
-    for g in groups.all:
-        owner[g.classes] = g.id
-    found: set[int] = set()
-    for op in graph.ops:
-        if not op.int_args:
-            continue
-        for info in op.out_infos:
-            for elems in info.dims:
-                if elems is not None and elems.size in op.int_args:
-                    ids = owner[graph.classes[elems[elems >= 0]]]
-                    found.update(int(i) for i in sorted_unique(ids) if i >= 0)
-    return sorted(found & set(plan.removed))
-
-
-def apply_verified_(model: nn.Module, groups: Groups, plan: Plan, args: tuple) -> tuple[Plan, dict[int, str]]:
-    """Apply ``plan`` and check the pruned model still runs; drop groups that break it.
-
-    A group breaks the model when its size is also computed somewhere the graph cannot
-    see (a constant in the forward code). If the full plan fails, each suspect group (one
-    whose size is an integer argument of a traced op) is tried alone on the model and
-    undone; the plan is rebuilt without the failing ones and applied once more.
-
-    Returns:
-        The plan actually applied, and ``{group_id: error}`` for the groups left unpruned.
-
-    Raises:
-        PruneError: if the model still does not run; it is left unchanged.
-    """
-    expected = groups.graph.output_shapes
-    failing: dict[int, str] = {}
-    for attempt in range(2):
-        error = _try_apply(model, plan, args, expected, keep=True)
-        if error is None:
-            return plan, failing
-        if attempt == 1:
-            break
-        for gid in _suspects(groups, plan):
-            alone = make_plan(groups, removed={gid: plan.removed[gid]})
-            alone_error = _try_apply(model, alone, args, expected, keep=False)
-            if alone_error is not None:
-                failing[gid] = alone_error
-        if not failing:
-            break
-        plan = make_plan(groups, removed={k: v for k, v in plan.removed.items() if k not in failing})
-    raise PruneError(f"the pruned model does not run ({error}); the model was left unchanged")
-
-
-def _try_apply(model: nn.Module, plan: Plan, args: tuple, expected, *, keep: bool) -> str | None:
-    """Apply ``plan``; undo it if the model then fails (or always, unless ``keep``). Returns the failure."""
-    try:
-        with restore_on_error(model):
-            apply_unguarded_(model, plan)
-            error = _check(model, args, expected)
-            if error is not None or not keep:
-                raise _Undo(error)
-    except _Undo as undo:
-        return undo.args[0]
-    return None
-
-
-class _Undo(Exception):
-    pass
+__all__ = ["apply_verified_", "prune", "prune_", "record_plan"]  # apply_verified_ lives in graphprune.verify
 
 
 def prune_(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float | None = None,
@@ -125,18 +41,19 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: flo
 def _prune_(model: nn.Module, example_inputs: ExampleInputs, *, ratio: float | None, flops_reduction: float | None,
             scorer: str | Scorer, scorer_options: Mapping[str, Any] | None, ignore: Iterable[str],
             config: PlanConfig | None, round_to: int | None) -> nn.Module:
-    _check_target(ratio, flops_reduction)
-    score_fn = get_scorer(scorer)
+    score_fn, options, ignore = _check_arguments(model, ratio, flops_reduction, scorer, scorer_options, ignore,
+                                                 config)
     config = _config(config, round_to)
-    args = as_args(model, example_inputs)
-    graph = trace(model, args)
+    examples = list(as_examples(model, example_inputs))
+    graph = trace(model, examples)
+    check_coverage(graph, ignore)
     groups = find_groups(graph, ignore=ignore, model=model)
-    scores = score_fn(groups, model, **dict(scorer_options or {}))
+    scores = score_fn(groups, model, **options)
     if ratio is not None:
         plan = make_plan(groups, scores, ratio=ratio, config=config)
-        applied, _ = apply_verified_(model, groups, plan, args)
+        applied, _ = apply_verified_(model, groups, plan, examples)
     else:  # verified and measured on a trial copy
-        applied = _plan_for_flops(model, groups, scores, args, flops_reduction, config)
+        applied = _plan_for_flops(model, groups, scores, examples, flops_reduction, config)
         apply_plan_(model, applied)
     record_plan(model, applied)
     return model
@@ -149,6 +66,65 @@ def _config(config: PlanConfig | None, round_to: int | None) -> PlanConfig:
     return config
 
 
+def _check_arguments(model: Any, ratio: float | None, flops_reduction: float | None, scorer: Any,
+                     scorer_options: Any, ignore: Any, config: Any) -> tuple[Scorer, dict[str, Any], tuple[str, ...]]:
+    """Every argument checked before anything runs: the scorer, its options and the ignore names, normalized."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}: {model!r:.60}")
+    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise InvalidArgumentError(
+            f"the model's tensors are on the meta device (e.g. {meta}): they hold no values to score or keep. "
+            "Load the weights first (model.to_empty(device='cpu') and load_state_dict), or plan on it with the verbs "
+            "(gp.trace, gp.find_groups, gp.make_plan(groups, removed=...)) and apply the plan to the real model")
+    _check_target(ratio, flops_reduction)
+    if config is not None and not isinstance(config, PlanConfig):
+        raise InvalidArgumentError(f"config must be a graphprune.PlanConfig, e.g. PlanConfig(scope='global'), "
+                                   f"got {type(config).__name__} {config!r:.60}")
+    score_fn = get_scorer(scorer)
+    return score_fn, _scorer_options(scorer, score_fn, scorer_options), _ignore_names(model, ignore)
+
+
+def _scorer_options(scorer: Any, score_fn: Scorer, options: Any) -> dict[str, Any]:
+    """``options`` as a dict, once the scorer's signature accepts every key (when it can be read)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise InvalidArgumentError(f"scorer_options must be a dict of keyword arguments, got {type(options).__name__}")
+    try:
+        parameters = list(inspect.signature(score_fn).parameters.values())[2:]  # after (groups, model)
+    except (TypeError, ValueError):  # a callable whose signature cannot be read: its call is the check
+        return dict(options)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return dict(options)
+    accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", type(scorer).__name__)
+        raise InvalidArgumentError(f"scorer {name!r} has no option {unknown[0]!r}; its options: {accepted or 'none'}")
+    return dict(options)
+
+
+def _ignore_names(model: nn.Module, ignore: Any) -> tuple[str, ...]:
+    """``ignore`` as a tuple of names, each a module or parameter of ``model``."""
+    if isinstance(ignore, str):
+        raise InvalidArgumentError(f"ignore is a list of module names; got the string {ignore!r} "
+                                   f"(write ignore=[{ignore!r}])")
+    try:
+        names = tuple(ignore)
+    except TypeError:
+        raise InvalidArgumentError(f"ignore must be a list of module names, got {type(ignore).__name__}") from None
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise InvalidArgumentError(f"ignore holds {bad[0]!r}: each entry names a module or parameter (the whole "
+                                   "model cannot be ignored; ratio=0 keeps every channel)")
+    known = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidArgumentError(f"ignore names no module or parameter of the model: {unknown}")
+    return names
+
+
 def _check_target(ratio: float | None, flops_reduction: float | None) -> None:
     if (ratio is None) == (flops_reduction is None):
         raise InvalidArgumentError("give exactly one of ratio= (channel fraction) or flops_reduction= (MACs fraction)")
@@ -158,23 +134,27 @@ def _check_target(ratio: float | None, flops_reduction: float | None) -> None:
         check_flops_reduction(flops_reduction)
 
 
-def _plan_for_flops(model: nn.Module, groups: Groups, scores, args: tuple, flops_reduction: float,
+def _plan_for_flops(model: nn.Module, groups: Groups, scores, args: Examples, flops_reduction: float,
                     config: PlanConfig, tolerance: float = 0.01) -> Plan:
     """Search on the graph's MAC estimate, then measure with fvcore on a trial copy.
 
     Groups the verification drops (see :func:`apply_verified_`) are excluded and the
     search repeated, so the measured reduction lands within ``tolerance`` of the target.
+    With several example inputs, MACs are summed over them (as the graph's estimate is).
     """
     from .measurement import count_macs
 
-    base = count_macs(model, args)
+    def macs(net: nn.Module) -> int:
+        return sum(count_macs(net, one) for one in as_example_list(args))
+
+    base = macs(model)
     exclude: frozenset[int] = frozenset()
     for _ in range(3):
         _, chosen, _ = select_for_flops(groups, scores, flops_reduction, config=config, exclude=exclude)
         plan = make_plan(groups, removed=chosen)
         trial = copy.deepcopy(model)
         applied, dropped = apply_verified_(trial, groups, plan, args)
-        measured = 1.0 - count_macs(trial, args) / base
+        measured = 1.0 - macs(trial) / base
         if abs(measured - flops_reduction) <= tolerance:
             return applied
         if not dropped:
@@ -203,8 +183,9 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
 
     Args:
         model: any ``nn.Module`` (timm models get a default example input).
-        example_inputs: a tensor or tuple of positional arguments for tracing; ``None``
-            uses one image of ``pretrained_cfg["input_size"]``.
+        example_inputs: a tensor or tuple of positional arguments for tracing, or a list of
+            those: each is traced (the graph is the union of the paths they take) and the
+            pruned model verified on each; ``None`` uses one image of ``pretrained_cfg["input_size"]``.
         ratio: fraction of each group's channels to remove, in ``[0, 1)``; each group loses the
             whole count nearest ``ratio * size`` (:func:`graphprune.plan.removal_count`).
         flops_reduction: instead of ``ratio``: the fraction of MACs to remove, in ``(0, 1)``;
@@ -214,7 +195,8 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
             ``"taylor"``, ``"target_taylor"``, ``"classmean"``) or a callable.
         scorer_options: keyword arguments for the scorer, e.g. ``{"data": loader}`` for the
             data-driven ones.
-        ignore: module names whose parameters keep every channel (and what couples to them).
+        ignore: module names whose parameters keep every channel (and what couples to them);
+            naming a module the example inputs never reach declares it unused: it is left as is.
         config: selection options (local or global ranking, normalization, rounding,
             per-group cap); see :class:`graphprune.PlanConfig`.
         round_to: shortcut for ``config.round_to``: keep a multiple of this many channels.
@@ -223,8 +205,11 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
         The pruned copy: it has physically fewer channels, heads and FLOPs.
 
     Raises:
-        InvalidArgumentError: bad ratio, unknown scorer, ``ignore`` naming nothing.
+        InvalidArgumentError: not a module, a meta-device model, bad ratio, unknown scorer or
+            scorer option, a ``config`` that is no ``PlanConfig``, ``ignore`` naming nothing.
         UnsupportedModelError: the model does not run on the example inputs.
+        UntracedCodeError: the example inputs never reached some parameters (a branch that
+            did not run) and ``ignore`` does not name them.
         PruneError: the pruned model would not run.
 
     Example:
@@ -235,9 +220,12 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
         torch.Size([2, 10])
         >>> sum(p.numel() for p in small.parameters()) < 0.35 * sum(p.numel() for p in model.parameters())
         True
+        >>> gp.prune(model, torch.randn(1, 3, 64, 64), ratio=0.5, scorer_options={"seed": 1})
+        Traceback (most recent call last):
+        ...
+        graphprune.errors.InvalidArgumentError: scorer 'l1' has no option 'seed'; its options: none
     """
-    _check_target(ratio, flops_reduction)
-    get_scorer(scorer)
+    _check_arguments(model, ratio, flops_reduction, scorer, scorer_options, ignore, config)
     pruned = copy.deepcopy(model)
     return prune_(pruned, example_inputs, ratio=ratio, flops_reduction=flops_reduction, scorer=scorer,
                   scorer_options=scorer_options, ignore=ignore, config=config, round_to=round_to)

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -256,6 +257,12 @@ def _check_output(output: Path, *, force: bool) -> None:
     if output.is_dir() and any(output.iterdir()) and not force:
         raise InvalidArgumentError(f"{output} already holds a saved model; pass --force to replace it, "
                                    "or choose a new OUTPUT")
+    try:  # save stages its files in a folder beside OUTPUT: make one now, not after the prune
+        probe = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".probe", dir=output.parent))
+    except OSError as error:
+        raise InvalidArgumentError(f"cannot write to {output.parent} ({error.strerror or error}); choose an "
+                                   "OUTPUT in a writable folder") from None
+    probe.rmdir()
 
 
 def prune_in_stages(model: nn.Module, inputs: torch.Tensor, args: argparse.Namespace,
@@ -286,13 +293,17 @@ def prune_in_stages(model: nn.Module, inputs: torch.Tensor, args: argparse.Names
     from .removal import apply_plan_
     from .scoring import get_scorer
     from .tracer import trace
+    from .verify import check_coverage
 
     target = _prune_target(args)
     api._check_target(target.get("ratio"), target.get("flops_reduction"))
     scorer = get_scorer(args.scorer)
+    ignore = api._ignore_names(model, args.ignore or ())
     with paused_gc():
         report(f"tracing on an input of shape {tuple(inputs.shape)}")
-        groups = find_groups(trace(model, (inputs,)), ignore=args.ignore or (), model=model)
+        graph = trace(model, (inputs,))
+        check_coverage(graph, ignore)
+        groups = find_groups(graph, ignore=ignore, model=model)
         report(f"scoring {len(groups.all)} channel groups ({args.scorer})")
         scores = scorer(groups, model)
         if args.flops_reduction is None:

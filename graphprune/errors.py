@@ -26,3 +26,8 @@ class UnsupportedModelError(GraphpruneError):
 
 class PruneError(GraphpruneError):
     """Pruning produced a model that does not run; the input model was left unchanged."""
+
+
+class UntracedCodeError(GraphpruneError):
+    """The example inputs never reached some parameters (a branch of the forward that did not
+    run), so nothing is known about how they couple; pruning refuses rather than break that code."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import numpy as np
+from torch import nn
 
 from .elements import ElementStore, TensorInfo
 
@@ -36,6 +39,43 @@ class OpRecord:
     module_ints: tuple[tuple[str, object], ...] = ()
 
 
+@dataclass(frozen=True)
+class TracedOutput:
+    """What the forward pass returned for one example input.
+
+    Attributes:
+        structure: the output's ``torch.utils._pytree`` structure (a ``TreeSpec``).
+        shapes: shape of every output tensor, in :func:`~graphprune.rules.context.flat_tensors` order.
+        infos: element info of every output tensor (channel dims are frozen).
+        data_sized: per output tensor, whether an op whose output size follows the data
+            (``nonzero``, a boolean mask, ``nms``, ...) ran upstream of it: its channel-free
+            dims may differ after pruning (detection boxes) without anything being wrong.
+    """
+
+    structure: Any
+    shapes: tuple[tuple[int, ...], ...]
+    infos: tuple[TensorInfo, ...]
+    data_sized: tuple[bool, ...]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's parameter names, in order: what a plan records about the model it is for.
+
+    Names, not shapes: a plan still fits after ``reset_classifier`` (only the head's class dim
+    changes, which no plan edits), and :func:`graphprune.apply_plan_` checks every size it cuts.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3))
+        >>> model_fingerprint(net) == model_fingerprint(torch.nn.Sequential(torch.nn.Linear(5, 1)))
+        True
+        >>> model_fingerprint(net) == model_fingerprint(torch.nn.Sequential(torch.nn.Linear(2, 3, bias=False)))
+        False
+    """
+    names = "\n".join(name for name, _ in model.named_parameters())
+    return hashlib.sha256(names.encode()).hexdigest()
+
+
 @dataclass(frozen=True, eq=False)
 class TraceGraph:
     """Result of :func:`graphprune.trace`.
@@ -51,14 +91,19 @@ class TraceGraph:
             keyed by qualified name (``layer1.0.conv1.weight``).
         unsupported: functions with no coupling rule that touched channels, with counts;
             their channels are frozen.
-        output_infos: element infos of the model outputs (frozen).
-        output_shapes: shapes of the model outputs.
+        output_infos: element infos of the model outputs (frozen), over all example inputs.
+        output_shapes: shapes of the model outputs, over all example inputs.
         statistic: boolean mask over classes: True where a statistic (layer norm, mean,
             softmax) is taken over the class, so zeroing it changes other outputs.
         costs: multiply-adds of every traced product with the channel dims it scales with.
         module_ints: integer (and integer-sequence) attributes of every module, by qualified
             name, as in :attr:`OpRecord.module_ints`: a helper module's method (not its
             forward) runs under its parent's name, so its attributes are found here.
+        outputs: per example input, what the forward returned (:class:`TracedOutput`).
+        untraced: floating-point parameters no traced forward used, by name: the trace
+            says nothing about them, so removal leaves them unchanged (and
+            :func:`graphprune.prune` refuses unless ``ignore`` names them).
+        fingerprint: :func:`model_fingerprint` of the traced model; plans record it.
     """
 
     graph: nx.DiGraph
@@ -73,6 +118,9 @@ class TraceGraph:
     statistic: np.ndarray | None = None
     costs: tuple[tuple[int, tuple[np.ndarray, ...]], ...] = ()
     module_ints: dict[str, tuple[tuple[str, object], ...]] = field(default_factory=dict)
+    outputs: tuple[TracedOutput, ...] = ()
+    untraced: tuple[str, ...] = ()
+    fingerprint: str = ""
 
     def estimate_macs(self, removed_classes: np.ndarray | None = None) -> int:
         """Multiply-adds of the traced products (conv, linear, matmul, attention) after removal.
@@ -101,7 +149,7 @@ class TraceGraph:
         return int(round(total))
 
     def summary(self) -> str:
-        """One line: ops traced, elements, classes, frozen classes, unsupported ops.
+        """One line: ops traced, elements, classes, frozen classes, unsupported ops, untraced parameters.
 
         Example:
             >>> import torch, graphprune as gp
@@ -110,5 +158,6 @@ class TraceGraph:
             '2 ops'
         """
         n_classes = int(self.frozen.size)
+        untraced = f", untraced parameters: {list(self.untraced)}" if self.untraced else ""
         return (f"{len(self.ops)} ops, {self.store.size} elements, {n_classes} classes, "
-                f"{int(self.frozen.sum())} frozen, unsupported: {dict(self.unsupported) or 'none'}")
+                f"{int(self.frozen.sum())} frozen, unsupported: {dict(self.unsupported) or 'none'}{untraced}")

@@ -52,11 +52,15 @@ class Plan:
         removed: group id -> removed channel positions (for reports; not needed to apply).
         edits: parameter slices to keep.
         patches: module attributes to update.
+        model: :func:`graphprune.graph.model_fingerprint` of the model the plan was made for
+            (``None``: not recorded, as in plans written before it was); :func:`graphprune.apply_plan_`
+            refuses a model with other parameter names.
     """
 
     removed: Mapping[int, tuple[int, ...]]
     edits: tuple[ParamEdit, ...]
     patches: tuple[AttrPatch, ...] = field(default=())
+    model: str | None = None
 
     @property
     def num_removed(self) -> int:
@@ -75,12 +79,15 @@ class Plan:
             return self._dumps()
 
     def _dumps(self) -> str:
-        return json.dumps({
+        data = {
             "format": PLAN_FORMAT,
             "removed": {str(k): list(v) for k, v in self.removed.items()},
             "edits": [{"name": e.name, "dim": e.dim, "size": e.size, "keep": _to_runs(e.keep)} for e in self.edits],
             "patches": [asdict(p) for p in self.patches],
-        })
+        }
+        if self.model is not None:
+            data["model"] = self.model
+        return json.dumps(data)
 
     @staticmethod
     def from_json(text: str, *, max_size: int | None = None) -> Plan:
@@ -114,13 +121,21 @@ class Plan:
             edits = tuple(_edit_from(e, max_size) for e in _list(data["edits"], "edits"))
             patches = tuple(_patch_from(p) for p in _list(data["patches"], "patches"))
             removed = _removed_from(data["removed"], max_size)
+            model = _fingerprint_from(data.get("model"))
         except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as error:
             raise InvalidArgumentError(f"not a graphprune plan: {error}") from error
-        return Plan(removed, edits, patches)
+        return Plan(removed, edits, patches, model)
 
 
 _MAX_DIM = 64  # no tensor has more dims than this
 _MAX_PATCH_INTS = 16  # a patched attribute is an int or a short shape
+
+
+def _fingerprint_from(value: object) -> str | None:
+    if value is not None and not (isinstance(value, str) and len(value) == 64 and
+                                  all(c in "0123456789abcdef" for c in value)):
+        raise ValueError(f"model must be a sha256 hex digest, got {value!r:.80}")
+    return value
 
 
 def _list(value: object, what: str) -> list:
@@ -451,7 +466,7 @@ def make_plan(groups: Groups, scores: Mapping[int, torch.Tensor] | None = None, 
             keep = np.flatnonzero(~going[member.channel])
             if keep.size < member.channel.size:
                 edits.append(ParamEdit(member.name, member.dim, int(member.channel.size), tuple(keep.tolist())))
-    return Plan(removed, tuple(edits), _attribute_patches(graph, gone))
+    return Plan(removed, tuple(edits), _attribute_patches(graph, gone), graph.fingerprint or None)
 
 
 def _new_size(elems: np.ndarray, classes: np.ndarray, gone: np.ndarray) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import timm_contract
 from .errors import InvalidArgumentError
+from .graph import model_fingerprint
 from .plan import Plan
 
 
@@ -71,6 +72,13 @@ def restore_on_error(model: nn.Module) -> Iterator[None]:
 
 
 def _validate(model: nn.Module, plan: Plan, modules: dict[str, nn.Module]) -> None:
+    if plan.model is not None:
+        found = model_fingerprint(model)
+        if found != plan.model:
+            raise InvalidArgumentError(
+                f"the plan was made for a model with other parameters (parameter names sha256 {plan.model[:12]}..., "
+                f"this {type(model).__name__} with {len(list(model.parameters()))} parameters has {found[:12]}...); "
+                "a plan applies only to the architecture it was made for, in the state it was made in")
     for edit in plan.edits:
         module, attr = _owner(model, edit.name, modules)
         tensor = getattr(module, attr)
@@ -160,12 +168,12 @@ def apply_unguarded_(model: nn.Module, plan: Plan) -> None:
         index = torch.tensor(edit.keep, dtype=torch.long, device=tensor.device)
         current[edit.name] = tensor.detach().index_select(edit.dim, index).contiguous(
             memory_format=_memory_format(original))
-    for edit in plan.edits:
-        module, attr = _owner(model, edit.name, modules)
+    for name in dict.fromkeys(edit.name for edit in plan.edits):  # a tensor cut along several dims: once
+        module, attr = _owner(model, name, modules)
         original = getattr(module, attr)
         if id(original) in replaced:
             continue
-        data = current[edit.name]
+        data = current[name]
         if isinstance(original, nn.Parameter):
             new = nn.Parameter(data, requires_grad=original.requires_grad)
             module._parameters[attr] = new
@@ -177,7 +185,8 @@ def apply_unguarded_(model: nn.Module, plan: Plan) -> None:
     for module in modules.values():
         for store in (module._parameters, module._buffers):
             for key, value in list(store.items()):
-                if value is not None and id(value) in replaced:
+                if value is not None and id(value) in replaced and store[key] is not replaced[id(value)]:
+                    old_shapes.setdefault(module, {}).setdefault(key, value.shape)  # its sizes follow too
                     store[key] = replaced[id(value)]
     for patch in plan.patches:
         module = modules.get(patch.module)

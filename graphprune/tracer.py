@@ -6,7 +6,9 @@ timm modules marked non-traceable. A function mode observes a *real* eager forwa
 pass, so it follows whatever code runs, sees the concrete shapes, and still sees every
 call at the level users write it (``F.conv2d``, ``Tensor.reshape``, ``torch.cat``)
 with the actual parameter objects as arguments. The price is that one trace describes
-the path taken for these inputs; that is the path pruning must keep consistent.
+the path taken for these inputs; that is the path pruning must keep consistent. Several
+example inputs run one after another into the same element store, so the graph is the
+union of the paths they take; parameters none of them used are listed as ``untraced``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from ._runtime import paused_gc
 from .elements import ElementStore, TensorInfo
 from .errors import UnsupportedModelError
-from .graph import OpRecord, TraceGraph
-from .inputs import ExampleInputs, as_args
+from .graph import OpRecord, TracedOutput, TraceGraph, model_fingerprint
+from .inputs import ExampleInputs, as_examples
 from .rules import RULES, Call, Context
 from .rules.context import flat_tensors
 
@@ -89,6 +91,21 @@ def _read_in_forward(module: nn.Module, attr: str) -> bool:
 
 _SHAPE_READS = {"torch.Tensor.shape.__get__", "torch.Tensor.size"}
 
+# ops whose output size follows the values of their input (detection post-processing)
+_DATA_SIZED = {"torch.nonzero", "torch.Tensor.nonzero", "torch.argwhere", "torch.Tensor.argwhere",
+               "torch.masked_select", "torch.Tensor.masked_select", "torch.unique", "torch.Tensor.unique",
+               "torch.unique_consecutive", "torch.Tensor.unique_consecutive", "torch._ops.torchvision.nms.default",
+               "torchvision.nms.default", "torchvision::nms"}
+
+
+def _sizes_follow_data(name: str, args: tuple, inputs: list[torch.Tensor]) -> bool:
+    """Whether this call's output size depends on tensor values (not only on input sizes)."""
+    if name in _DATA_SIZED:
+        return True
+    if name == "torch.where" and len(args) == 1:
+        return True
+    return name == "torch.Tensor.__getitem__" and any(t.dtype == torch.bool for t in inputs[1:])
+
 
 def _is_int_like(value: Any) -> bool:
     if isinstance(value, bool):
@@ -136,6 +153,7 @@ class _Recorder(TorchFunctionMode):
         self.modules: dict[str, nn.Module] = {}
         self._ints: dict[str, tuple[tuple[str, object], ...]] = {}
         self._attributes: dict[str, set[int]] = {}
+        self.data_sized: set[int] = set()  # ids of tensors whose size follows the data
 
     def module_ints(self, name: str) -> tuple[tuple[str, object], ...]:
         found = self._ints.get(name)
@@ -185,6 +203,8 @@ class _Recorder(TorchFunctionMode):
                 rule = None
         for o, info in zip(outputs, infos):
             self.ctx.set_info(o, info)
+        if _sizes_follow_data(name, args, inputs) or any(id(t) in self.data_sized for t in inputs):
+            self.data_sized.update(id(o) for o in outputs)
         self._record(call, inputs, outputs, infos, rule is not None)
         return out
 
@@ -269,18 +289,21 @@ def state_names(model: nn.Module) -> dict[int, str]:
 
 
 def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
-    """Run ``model`` once in eval mode and build its channel dependency graph.
+    """Run ``model`` in eval mode on each example input and build its channel dependency graph.
 
     Args:
         model: any ``nn.Module``; it is left exactly as it was (mode, hooks, ``requires_grad``).
-        example_inputs: a tensor or a tuple of positional arguments; ``None`` uses one image
-            of the timm model's ``pretrained_cfg["input_size"]``.
+        example_inputs: a tensor or a tuple of positional arguments; a list of those to
+            trace each (the graph is the union of the paths they take: give one per branch
+            of a forward that branches on the data); ``None`` uses one image of the timm
+            model's ``pretrained_cfg["input_size"]``.
 
     Returns:
-        The :class:`~graphprune.graph.TraceGraph`.
+        The :class:`~graphprune.graph.TraceGraph`; its ``untraced`` names the parameters no
+        example input reached.
 
     Raises:
-        UnsupportedModelError: if the forward pass fails on the example inputs.
+        UnsupportedModelError: if the forward pass fails on an example input.
 
     Example:
         >>> import torch, graphprune as gp
@@ -289,35 +312,53 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
         >>> graph = gp.trace(net, torch.randn(1, 3, 16, 16))
         >>> sorted(graph.graph.nodes(data="name"))[0]
         (0, 'torch.nn.functional.conv2d')
+        >>> graph.untraced, len(gp.trace(net, [torch.randn(1, 3, 16, 16), torch.randn(2, 3, 8, 8)]).outputs)
+        ((), 2)
     """
-    args = as_args(model, example_inputs)
+    examples = as_examples(model, example_inputs)
     store = ElementStore()
     ctx = Context(store, state_names(model))
     stack = [""]
     recorder = _Recorder(ctx, stack)
     recorder.modules = dict(model.named_modules())
+    outs = []
     with paused_gc(), preserved_state(model), _module_stack(recorder.modules, stack, ctx), torch.no_grad():
         model.eval()
-        try:
-            with recorder:
-                out = model(*args)
-        except Exception as error:  # the model's own failure, reported with its cause
-            raise UnsupportedModelError(
-                f"tracing {type(model).__name__} failed while running its forward pass: "
-                f"{type(error).__name__}: {error}") from error
+        for number, args in enumerate(examples, start=1):
+            try:
+                with recorder:
+                    outs.append(model(*args))
+            except Exception as error:  # the model's own failure, reported with its cause
+                which = f" on example input {number} of {len(examples)}" if len(examples) > 1 else ""
+                raise UnsupportedModelError(
+                    f"tracing {type(model).__name__} failed while running its forward pass{which}: "
+                    f"{type(error).__name__}: {error}") from error
     with paused_gc():
-        return _finish(recorder, ctx, store, out)
+        return _finish(recorder, ctx, store, outs, model)
 
 
-def _finish(recorder: _Recorder, ctx: Context, store: ElementStore, out: Any) -> TraceGraph:
-    outputs = tuple(ctx.info(o) for o in flat_tensors(out))
+def _untraced(model: nn.Module, used: dict) -> tuple[str, ...]:
+    """Floating-point parameters (first name of tied ones) that no traced call used."""
+    return tuple(name for name, p in model.named_parameters() if p.is_floating_point() and name not in used)
+
+
+def _finish(recorder: _Recorder, ctx: Context, store: ElementStore, outs: list, model: nn.Module) -> TraceGraph:
+    from torch.utils._pytree import tree_structure
+
     store.current = "model output"
-    for info in outputs:
-        for d in info.dims:
-            if d is not None:
-                store.freeze(d)
+    outputs = []
+    for out in outs:
+        tensors = flat_tensors(out)
+        infos = tuple(ctx.info(o) for o in tensors)
+        for info in infos:
+            for d in info.dims:
+                if d is not None:
+                    store.freeze(d)
+        outputs.append(TracedOutput(tree_structure(out), tuple(tuple(o.shape) for o in tensors), infos,
+                                    tuple(id(o) in recorder.data_sized for o in tensors)))
     classes = store.resolve()
     return TraceGraph(recorder.graph(), tuple(recorder.ops), store, classes, store.frozen_classes(classes),
-                      dict(ctx.state_infos), recorder.unsupported, outputs,
-                      tuple(tuple(o.shape) for o in flat_tensors(out)), store.statistic_classes(classes),
-                      tuple(ctx.costs), {name: recorder.module_ints(name) for name in recorder.modules})
+                      dict(ctx.state_infos), recorder.unsupported, tuple(i for o in outputs for i in o.infos),
+                      tuple(s for o in outputs for s in o.shapes), store.statistic_classes(classes),
+                      tuple(ctx.costs), {name: recorder.module_ints(name) for name in recorder.modules},
+                      tuple(outputs), _untraced(model, ctx.state_infos), model_fingerprint(model))

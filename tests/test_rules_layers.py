@@ -232,3 +232,93 @@ def test_nonzero_constants_keep_channels_prunable_but_not_invisible() -> None:
     g = groups_of(OnesPad(), torch.randn(1, 3, 6, 6))
     unit = group_with(g, "proj.weight", 0)
     assert not g.graph.unsupported and unit.prunable.all() and unit.statistic.all()
+
+
+# --- nn.MultiheadAttention (F.multi_head_attention_forward) -------------------------------------
+
+class AttentionBlock(nn.Module):
+    def __init__(self, residual: bool = True, kdim: int | None = None, vdim: int | None = None,
+                 bias_kv: bool = False):
+        super().__init__()
+        self.residual = residual
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True, kdim=kdim, vdim=vdim, add_bias_kv=bias_kv)
+        self.q_in, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+        if residual or not self.attn._qkv_same_embed_dim:  # else self-attention: query is key is value
+            self.k_in, self.v_in = nn.Linear(6, kdim or 16), nn.Linear(6, vdim or 16)
+
+    def forward(self, x, memory):
+        q = self.q_in(x)
+        if not hasattr(self, "k_in"):
+            y = self.attn(q, q, q, need_weights=False)[0]
+        else:
+            y = self.attn(q, self.k_in(memory), self.v_in(memory), need_weights=False)[0]
+        return self.head(torch.relu(y + q if self.residual else y))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"residual": False}, {"kdim": 10, "vdim": 12}, {"bias_kv": True}])
+def test_multihead_attention_removes_whole_heads_exactly(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    net = AttentionBlock(**kwargs)
+    x, memory = torch.randn(2, 5, 6), torch.randn(2, 7, 6)
+    g = groups_of(net, x, memory)
+    assert not g.graph.unsupported
+    heads = group_with(g, "attn.out_proj.weight", 1)
+    assert heads.size == 4 and heads.prunable.all()
+    assert set(heads.width.tolist()) == {12}  # head_dim rows in each of q, k and v (in_proj_bias)
+    assert ("q_in.weight", 0) in members(heads)  # the query's embedding channels come with the heads
+    error, n, pruned = removal_error(net, (x, memory), {heads.id: (1, 2)})
+    assert error <= 1e-12
+    attn = pruned.attn
+    assert (attn.num_heads, attn.head_dim, attn.embed_dim, attn.out_proj.in_features) == (2, 4, 8, 8)
+    assert (attn.kdim, attn.vdim) == (kwargs.get("kdim", 8), kwargs.get("vdim", 8))
+    error, n, _ = removal_error(net, (x, memory), ratio=0.5)  # every group at once
+    assert n >= 2 and error <= 1e-12
+    assert_ratio_zero_is_identity(net, (x, memory))
+
+
+def test_multihead_attention_heads_fixed_by_a_per_head_mask_or_averaged_weights() -> None:
+    net = AttentionBlock(residual=False)
+    x = torch.randn(2, 5, 6)
+    per_head = torch.zeros(2 * 4, 5, 5)
+    net.forward = lambda x: net.attn(*(net.q_in(x),) * 3, attn_mask=per_head, need_weights=False)[0]
+    assert not group_with(groups_of(net, x), "attn.out_proj.weight", 1).prunable.any()
+    net.forward = lambda x: net.attn(*(net.q_in(x),) * 3)  # returns weights averaged over heads
+    heads = group_with(groups_of(net, x), "attn.out_proj.weight", 1)
+    assert heads.prunable.all() and heads.statistic.all()
+
+
+def test_torchvision_vit_prunes_heads_and_stays_exact() -> None:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=48, mlp_dim=64,
+                            num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    g = groups_of(vit, x)
+    assert not g.graph.unsupported
+    stream = group_with(g, "conv_proj.weight", 0)  # residual stream = whole heads of every layer
+    assert stream.size == 4 and ("encoder.layers.encoder_layer_1.self_attention.in_proj_weight", 0) in members(stream)
+    error, n, _ = removal_error(vit, (x,))  # the MLPs (the stream is under LayerNorm: a statistic)
+    assert n >= 2 * 25 and error <= 1e-12
+    small = gp.prune(vit, x, ratio=0.5)
+    attn = small.encoder.layers[0].self_attention
+    assert small(x).shape == (1, 10) and (attn.num_heads, attn.embed_dim, small.hidden_dim) == (2, 24, 24)
+    assert n_params(small) < 0.35 * n_params(vit)
+    assert_ratio_zero_is_identity(vit, (x,))
+
+
+def test_attention_macs_match_fvcore_and_the_closed_form() -> None:
+    """The fast path fvcore's jit trace takes (``_native_multi_head_attention``) counts like the rule."""
+    from graphprune.measurement import count_macs
+    from torchvision.models import VisionTransformer
+
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=48, mlp_dim=64,
+                            num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    tokens, e, mlp = 17, 48, 64
+    layer = tokens * e * 3 * e + 2 * tokens * tokens * e + tokens * e * e + 2 * tokens * e * mlp
+    closed = 16 * e * 3 * 8 * 8 + 2 * layer + e * 10
+    assert count_macs(vit, x) == gp.trace(vit, x).estimate_macs() == closed
+    for kwargs in ({}, {"residual": False}, {"kdim": 10, "vdim": 12}, {"bias_kv": True}):
+        net, inputs = AttentionBlock(**kwargs).eval(), (torch.randn(2, 5, 6), torch.randn(2, 7, 6))
+        assert count_macs(net, inputs) == gp.trace(net, inputs).estimate_macs(), kwargs

@@ -15,6 +15,8 @@ What counts. Only contractions are counted, the same op classes as
   opt_einsum);
 * ``attention``: ``scaled_dot_product_attention`` and its ``_scaled_dot_product_*``
   kernels: ``Q @ K^T`` plus ``A @ V``, dense even when causal (as ``FlopCounterMode``).
+  ``_native_multi_head_attention`` (``nn.MultiheadAttention``'s fast path) counts its
+  projections as ``linear`` and its two products as ``attention``.
 
 What is zero by decision (``ZERO_MAC_OPS``): normalization (batch norm folds into
 the preceding conv at deployment; layer/group norm are a few elementwise passes),
@@ -111,6 +113,16 @@ def _attention_handle(inputs: list[Any], outputs: list[Any]) -> Counter:
     qk_macs = batch * seq_q * seq_kv * dim_qk  # Q @ K^T
     av_macs = batch * seq_q * seq_kv * dim_v  # softmax(...) @ V
     return Counter({"attention": qk_macs + av_macs})
+
+
+def _native_attention_handle(inputs: list[Any], outputs: list[Any]) -> Counter:
+    # nn.MultiheadAttention's fast path, taken under a jit trace in eval: (query, key, value,
+    # embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, ...), batch first, so it counts
+    # what F.multi_head_attention_forward's parts would: three projections, two products, one out.
+    q, k, v, w_out = (_shape(inputs[i]) for i in (0, 1, 2, 7))
+    embed, tokens_q, tokens_k, tokens_v = q[-1], math.prod(q[:-1]), math.prod(k[:-1]), math.prod(v[:-1])
+    linear = (tokens_q + tokens_k + tokens_v) * embed * embed + tokens_q * embed * w_out[0]
+    return Counter({"linear": linear, "attention": 2 * tokens_q * k[-2] * embed})
 
 
 def _parse_einsum(
@@ -220,6 +232,7 @@ MAC_HANDLES: Mapping[str, Handle] = {
     "aten::dot": _contraction_handle("matmul", left_arg=0),
     "aten::einsum": _einsum_handle,
     **{name: _attention_handle for name in _ATTENTION_OPS},
+    "aten::_native_multi_head_attention": _native_attention_handle,
 }
 
 

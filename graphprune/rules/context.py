@@ -108,6 +108,10 @@ class Context:
         self.set_info(tensor, info)
         return info
 
+    def state_name(self, tensor: torch.Tensor | None) -> str | None:
+        """Qualified name of a parameter or buffer of the traced model (``None`` for any other tensor)."""
+        return None if tensor is None else self._state_names.get(id(tensor))
+
     def _fresh(self, n: int) -> np.ndarray | None:
         return self.store.new(n) if n > 1 else None
 

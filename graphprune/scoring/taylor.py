@@ -62,14 +62,15 @@ def taylor_scores(groups: Groups, model: nn.Module, options: ScoringData, step: 
     with left_as_found(model, options.device):
         for p in params:
             p.requires_grad_(True)
-        sums = {id(p): torch.zeros_like(p) for p in params}  # elementwise running sum of |w * g|
+        # elementwise running sum of |w * g|, in float64 whatever the parameters' dtype
+        sums = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in params}
         n_batches = 0
         for index, batch in enumerate(options.batches()):
             loss = check_loss(options.scorer, step(model, batch), index)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for p, g in zip(params, grads):
                 if g is not None:
-                    sums[id(p)].add_((p.detach() * g).abs())
+                    sums[id(p)].add_((p.detach().to(torch.float64) * g.to(torch.float64)).abs())
             n_batches += 1
         per_name = {n: sums[id(tensors[n])].to("cpu", torch.float64) / n_batches for n in names}
     return {g.id: channel_sums(g, per_name) for g in groups}
