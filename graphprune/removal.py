@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import timm_contract
+from . import removal_layers, timm_contract
 from .errors import InvalidArgumentError
 from .graph import model_fingerprint
 from .plan import Plan
@@ -68,6 +68,7 @@ def restore_on_error(model: nn.Module) -> Iterator[None]:
             for key in [k for k in vars(module) if not k.startswith("_") and k not in attrs]:
                 delattr(module, key)
             module.__dict__.update(attrs)
+            removal_layers.refresh_(module)  # an RNN's _flat_weights hold the tensors themselves
         raise
 
 
@@ -114,6 +115,7 @@ def _update_shape_attributes(module: nn.Module, old_shapes: dict[str, torch.Size
         module.num_embeddings, module.embedding_dim = weight.shape
     if hasattr(module, "normalized_shape") and isinstance(weight, torch.Tensor):
         module.normalized_shape = tuple(weight.shape)
+    removal_layers.update_sizes_(module)  # nn.MultiheadAttention, nn.LSTM / GRU / RNN
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
