@@ -125,6 +125,20 @@ def test_gqa_prune_runs_and_keeps_the_group_size(family: str) -> None:
     assert torch.equal(_output(unchanged, ids), _output(model, ids))
 
 
+def test_as_many_heads_as_head_dims() -> None:
+    """8 heads of 8: HF reads ``query.shape`` and ``value.shape[-1]`` in one call, so a reshape to
+    ``(B, -1, T, 8)`` matched both the heads and the head dim and froze the attention."""
+    config = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=8, num_key_value_heads=2, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    model = transformers.Qwen2Model(config).double().eval()
+    groups = gp.find_groups(gp.trace(model, _ids()), model=model)
+    group = _attention_group(groups, 0)
+    assert group.size == 2 and group.prunable.all() and int(group.width.max()) == 4 * 8
+    diff, scale, _ = _zero_then_remove(model, _ids())
+    assert scale > 0.1 and diff < 1e-12
+
+
 def test_multi_query_attention_freezes_query_heads() -> None:
     """One kv head shared by all query heads: removing a query head would change the group
     size the model reads from ``num_key_value_groups``, so query heads stay (the MLP prunes)."""

@@ -125,7 +125,11 @@ SIZED = set(spellings("view", "reshape", "expand"))
 def _tie_sizes_read_from_shapes(ctx: Context, call: Call, infos: list[TensorInfo]) -> None:
     """A target size equal to a channel size read from ``x.shape`` in the same module call is
     that size: ``reshape(B, N, C)`` with ``B, N, C = x.shape``. Couple the two dims index by
-    index, so any removal keeps the sizes equal (coupling more never makes a plan invalid)."""
+    index, so any removal keeps the sizes equal (coupling more never makes a plan invalid).
+
+    A read dim that carries the very elements of the target dim explains the size by itself
+    (``value.shape[-1]`` for the last dim of an attention output): other dims of that size read
+    in the same call (the query's 8 heads next to its head dim of 8) are then not coupled."""
     sizes = call.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
         sizes = tuple(sizes[0])
@@ -135,10 +139,13 @@ def _tie_sizes_read_from_shapes(ctx: Context, call: Call, infos: list[TensorInfo
     for size, out_dim in zip(sizes, infos[0].dims):
         if out_dim is None or not isinstance(size, int) or size <= 1 or size in call.attributes:
             continue  # an attribute the forward reads (self.attn_dim) is patched instead
-        for read in reads:
-            if read.size == size and read is not out_dim:
-                ctx.store.union(out_dim, read)
-                call.dynamic.add(size)
+        same = [read for read in reads if read.size == size]
+        if any(read is out_dim for read in same):
+            continue
+        itself = [read for read in same if np.array_equal(read, out_dim)]
+        for read in itself or same:
+            ctx.store.union(out_dim, read)
+            call.dynamic.add(size)
 
 
 def replay(ctx: Context, call: Call, data: list, infos: list[TensorInfo], outs: list) -> list[TensorInfo]:
