@@ -279,6 +279,7 @@ ZERO_MAC_OPS: frozenset[str] = (
         "flip",
         "clone",
         "masked_fill",
+        "index_select",  # a gather, e.g. graphprune.sparsity.KernelConv2d's inputs
     )
     | _aten(
         "feature_dropout",
