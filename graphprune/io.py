@@ -133,9 +133,12 @@ def _split_tied(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
 
 def parse_edit(text: str) -> Edit:
-    """One history entry: a channel :class:`~graphprune.plan.Plan` or a block plan, by its ``format``."""
+    """One history entry: a channel :class:`~graphprune.plan.Plan`, a block plan or a kernel plan, by its ``format``."""
     from .blocks import BlockPlan, is_block_plan
+    from .sparsity.kernel_plan import KernelPlan, is_kernel_plan
 
+    if is_kernel_plan(text):
+        return KernelPlan.from_json(text)
     return BlockPlan.from_json(text) if is_block_plan(text) else Plan.from_json(text)
 
 
@@ -229,6 +232,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
     arch = Architecture.from_dict(architecture) if architecture is not None else infer_architecture(model)
     plans = _plans_of(model)
     state = model.state_dict(keep_vars=True)
+    masked = [name[:-len("_orig")] for name in state if name.endswith("_orig") and name[:-5] + "_mask" in state]
+    if masked:  # torch.nn.utils.prune reparametrizations: the base model has no weight_orig / weight_mask
+        raise ModelFileError(f"cannot save to {target}: {masked[:3]}{' ...' if len(masked) > 3 else ''} still carry "
+                             "torch.nn.utils.prune masks; graphprune.sparsity.make_permanent_(model) folds them into "
+                             "the weights first")
     tensors = _tensor_record(state)
     unknown = sorted({entry["dtype"] for entry in tensors.values()} - set(io_record.DTYPES))
     if unknown:

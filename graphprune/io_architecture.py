@@ -26,7 +26,7 @@ from .groups import classifier_names
 from .io_record import ModelFileError
 from .removal import apply_plan_
 
-Edit = Any  # a channel Plan or a graphprune.blocks.BlockPlan: one entry of the structural history
+Edit = Any  # a channel Plan, a graphprune.blocks.BlockPlan or a KernelPlan: one entry of the structural history
 
 ARCHITECTURE_ATTR = "graphprune_architecture"  # set by load(); save() reuses it
 # timm.create_model arguments that would read weights or configs from files or the hub (maybe a pickle)
@@ -239,12 +239,15 @@ def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, dev
     if not isinstance(model, nn.Module):
         raise ModelFileError(f"{architecture.name} returned a {type(model).__name__}, not an nn.Module")
     from .blocks import BlockPlan, apply_block_plan_
+    from .sparsity.kernel_plan import KernelPlan, apply_kernel_plan_
 
     for number, plan in enumerate(plans, start=1):
         try:
             with torch.device("meta") if device == "meta" else contextlib.nullcontext():  # proxies: shapes only
                 if isinstance(plan, BlockPlan):
                     apply_block_plan_(model, plan, record=False)
+                elif isinstance(plan, KernelPlan):
+                    apply_kernel_plan_(model, plan)
                 else:
                     apply_plan_(model, plan)
         except InvalidArgumentError as error:

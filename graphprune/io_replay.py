@@ -10,7 +10,9 @@ that model *before* expanding or applying it:
 * its attribute patches pass :func:`check_patch`: only a size-like attribute, of an allowed
   name and type, whose current value is the recorded ``old``, shrinking to ``new``;
 * a block plan's proxies are bounded by :meth:`graphprune.blocks.BlockPlan.from_json` and
-  built on the meta device.
+  built on the meta device;
+* a kernel plan (:mod:`graphprune.sparsity.kernel_plan`) names dense ``nn.Conv2d`` layers with
+  the channel counts the model has; its gather indices are checked when the weights load.
 
 Any failure is a :class:`~graphprune.io_record.ModelFileError` naming the plan.
 """
@@ -194,6 +196,7 @@ def replay_on_meta(model: nn.Module, plans: Sequence[Mapping[str, Any]], where: 
     """
     from .blocks import BLOCK_PLAN_FORMAT, BlockPlan, apply_block_plan_
     from .removal import apply_plan_
+    from .sparsity.kernel_plan import KERNEL_PLAN_FORMAT, KernelPlan, apply_kernel_plan_
 
     parsed = []
     for number, data in enumerate(plans, start=1):
@@ -206,9 +209,13 @@ def replay_on_meta(model: nn.Module, plans: Sequence[Mapping[str, Any]], where: 
                 plan = parse_channel_plan(data, model)
                 with torch.device("meta"):
                     apply_plan_(model, plan)
+            elif data.get("format") == KERNEL_PLAN_FORMAT:  # sizes checked against the model's convs
+                plan = KernelPlan.from_json(json.dumps(data))
+                with torch.device("meta"):
+                    apply_kernel_plan_(model, plan)
             else:
-                raise InvalidArgumentError(f"format {data.get('format')!r:.80} is neither {PLAN_FORMAT!r} nor "
-                                           f"{BLOCK_PLAN_FORMAT!r}")
+                raise InvalidArgumentError(f"format {data.get('format')!r:.80} is neither {PLAN_FORMAT!r}, "
+                                           f"{BLOCK_PLAN_FORMAT!r} nor {KERNEL_PLAN_FORMAT!r}")
         except (InvalidArgumentError, RuntimeError, ValueError, TypeError, IndexError, KeyError,
                 AttributeError) as error:
             raise ModelFileError(f"{where}: plan {number} of {len(plans)} does not fit the model: {error}") from error
