@@ -6,6 +6,8 @@
   fine-tuning (:mod:`.transtailor`).
 * :func:`block_search`: NetTailor-style depth search, removing whole residual blocks, then
   optionally channels (:mod:`.blocksearch`).
+* :func:`sparse_sp_t`: SP->T with the granularity as an option, channel, kernel or
+  unstructured, then linear or full fine-tuning (:mod:`.sparse`).
 * Data the timm way, decoded once (:mod:`.data`), device / bf16 / ``channels_last``
   (:mod:`.device`), the linear probe (:mod:`.probe`), the training loop on timm's optimizer and
   scheduler (:mod:`.finetune`), stage checkpoints and resume (:mod:`.checkpoint`),
@@ -33,13 +35,14 @@ from .probe import extract_features, fit_logistic, linear_probe_
 from .records import RecipeResult, StageRecord, records_csv
 from .importance import applied_factors, fold_factors_, importance_factors
 from .stages import prune_stage_
+from .sparse import SparseTransferConfig, sparse_sp_t
 from .transtailor import transtailor
 
 __all__ = [
     "BlockSearchConfig", "block_search", "DistContext", "FinetuneConfig", "PruneConfig", "RecipeResult", "RunConfig", "StageRecord", "StageStore",
     "TransTailorConfig", "TransferConfig", "TransferData", "atomic_write_text", "check_data", "check_splits",
     "context", "data_config", "eval_loader", "evaluate", "features_and_logits", "finetune_", "image_folder_data",
-    "prune_stage_", "records_csv", "s_tp_t", "s_to_t", "sp_t", "transtailor",
+    "prune_stage_", "records_csv", "s_tp_t", "s_to_t", "sp_t", "transtailor", "SparseTransferConfig", "sparse_sp_t",
     "applied_factors", "fold_factors_", "importance_factors",
     "DecodedImages", "DeviceLoader", "NormalizeCollate", "Placement", "build_optimizer", "build_schedule",
     "extract_features", "fit_logistic", "linear_probe_", "on_device", "recalibrate_norms_", "resolve_device", "seed_everything",
