@@ -322,3 +322,102 @@ def test_attention_macs_match_fvcore_and_the_closed_form() -> None:
     for kwargs in ({}, {"residual": False}, {"kdim": 10, "vdim": 12}, {"bias_kv": True}):
         net, inputs = AttentionBlock(**kwargs).eval(), (torch.randn(2, 5, 6), torch.randn(2, 7, 6))
         assert count_macs(net, inputs) == gp.trace(net, inputs).estimate_macs(), kwargs
+
+
+# --- recurrent layers: nn.LSTM, nn.GRU, nn.RNN ---------------------------------------------------
+
+class Tagger(nn.Module):
+    def __init__(self, rnn: nn.RNNBase):
+        super().__init__()
+        self.embed, self.rnn = nn.Linear(3, rnn.input_size), rnn
+        width = (rnn.proj_size or rnn.hidden_size) * (2 if rnn.bidirectional else 1)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.rnn(self.embed(x))[0]))
+
+
+RNNS = {
+    "lstm": lambda: nn.LSTM(8, 6),
+    "lstm-bi-2layers": lambda: nn.LSTM(8, 6, num_layers=2, bidirectional=True),
+    "lstm-proj-batch-first": lambda: nn.LSTM(8, 6, num_layers=2, proj_size=4, batch_first=True),
+    "gru-bi-2layers": lambda: nn.GRU(8, 6, num_layers=2, bidirectional=True),
+    "gru-no-bias": lambda: nn.GRU(8, 6, bias=False),
+    "rnn-relu": lambda: nn.RNN(8, 6, nonlinearity="relu", num_layers=2),
+}
+
+
+@pytest.mark.parametrize("kind", list(RNNS))
+def test_recurrent_input_features_and_hidden_units_prune_exactly(kind: str) -> None:
+    torch.manual_seed(0)
+    net = Tagger(RNNS[kind]())
+    x = torch.randn(7, 2, 3)  # (T, N, F); batch_first only swaps the meaning of the first two
+    g = groups_of(net, x)
+    assert not g.graph.unsupported
+    features = group_with(g, "rnn.weight_ih_l0", 1)
+    assert ("embed.weight", 0) in members(features) and features.size == 8 and features.prunable.all()
+    hidden = group_with(g, "rnn.weight_hh_l0", 0)
+    assert hidden.size == 6 and hidden.prunable.all()
+    error, n, pruned = removal_error(net, (x,), ratio=0.5)
+    assert n >= 4 + 3 and error <= 1e-12
+    rnn = pruned.rnn
+    assert (rnn.input_size, rnn.hidden_size) == (4, 3) and rnn.weight_ih_l0.shape[1] == 4
+    if rnn.proj_size:
+        assert rnn.proj_size == 2 and pruned.out.in_features == 2
+    assert_ratio_zero_is_identity(net, (x,))
+
+
+def test_packed_sequences_and_a_given_initial_state() -> None:
+    torch.manual_seed(0)
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.init = nn.Linear(3, 8), nn.Linear(3, 6)
+            self.rnn, self.out = nn.GRU(8, 6, batch_first=True), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h0 = torch.tanh(self.init(x[:, 0])).unsqueeze(0)  # (layers, N, H): carries the hidden units
+            seq = nn.utils.rnn.pack_padded_sequence(self.embed(x), [5, 3], batch_first=True)
+            return self.out(self.rnn(seq, h0)[1][0])
+
+    net, x = Packed(), torch.randn(2, 5, 3)
+    g = groups_of(net, x)
+    hidden = group_with(g, "rnn.weight_hh_l0", 0)
+    assert ("init.weight", 0) in members(hidden) and hidden.prunable.all()
+    error, n, pruned = removal_error(net, (x,), ratio=0.5)
+    assert n == 4 + 3 and error <= 1e-12 and pruned.rnn.hidden_size == 3 and pruned.init.out_features == 3
+
+
+def test_a_failed_removal_leaves_the_recurrent_weights_in_use() -> None:
+    """``_flat_weights`` holds the tensors themselves: undoing a removal must point it back."""
+    from graphprune.removal import restore_on_error
+
+    net = Tagger(nn.LSTM(8, 6))
+    x = torch.randn(4, 1, 3)
+    g = groups_of(net, x)
+    plan = gp.make_plan(g, removed={group_with(g, "rnn.weight_hh_l0", 0).id: (0, 1)})
+    expected = _outputs(net, (x,))[0]
+    with pytest.raises(RuntimeError), restore_on_error(net):
+        gp.removal.apply_unguarded_(net, plan)
+        raise RuntimeError("later failure")
+    assert net.rnn.hidden_size == 6 and all(a is b for a, b in zip(net.rnn._flat_weights, net.rnn.parameters()))
+    torch.testing.assert_close(_outputs(net, (x,))[0], expected, rtol=0, atol=0)
+
+
+def test_sequencer2d_s_prunes_its_lstms_exactly() -> None:
+    """timm's Sequencer: bidirectional LSTMs over rows and columns (before: 85.6 % of the
+    parameters kept at ratio 0.3, every LSTM frozen)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("sequencer2d_s", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    g = groups_of(model, x)
+    assert not g.graph.unsupported
+    error, n, _ = removal_error(model, (x,), ratio=0.3)
+    assert n > 5000 and error <= 1e-12
+    small = gp.prune(model, x, ratio=0.3)
+    assert small(x).shape == (1, 1000) and n_params(small) < 0.6 * n_params(model)
+    rnn = small.stages[0].blocks[0].rnn_tokens.rnn_v
+    assert rnn.hidden_size < 48 and rnn.input_size < 192

@@ -42,7 +42,8 @@ def register_rule(*names: str) -> Callable[[Rule], Rule]:
 
 # rule modules register themselves on import
 from . import (  # noqa: E402,F401
-    attention_mha, creation, elementwise, layers, movement, products, reductions, shuffle, transposed,
+    attention_mha, creation, elementwise, layers, movement, products, recurrent, reductions, shuffle,
+    transposed,
 )
 
 __all__ = ["Call", "Context", "RULES", "register_rule"]
