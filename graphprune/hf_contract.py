@@ -96,7 +96,14 @@ def head_size(module: nn.Module) -> int | None:
 
 
 def query_width(module: nn.Module) -> int | None:
-    """Width of an attention module's query projection (GPT-2's ``c_attn`` holds q, k and v)."""
+    """Width of an attention module's query projection (GPT-2's ``c_attn`` holds q, k and v).
+
+    Example:
+        >>> import transformers
+        >>> model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4))
+        >>> query_width(model.h[0].attn), model.h[0].attn.c_attn.nf
+        (32, 96)
+    """
     layer = _child(module, _QUERY)
     width = _out(layer)
     if width is None or head_size(module) is None:
@@ -126,8 +133,13 @@ READERS: Mapping[str, Callable[[nn.Module], int | None]] = {
     "num_key_value_heads": _kv_heads,
     "num_key_value_groups": lambda m: _heads(m) // _kv_heads(m) if _heads(m) and _kv_heads(m) else None,
     "intermediate_size": lambda m: _out(_child(m, _MLP_IN)),
-    "hidden_size": lambda m: _in(_child(m, _MLP_IN)),
+    "hidden_size": lambda m: _in(_child(m, _MLP_IN)) or _norm_width(getattr(m, "input_layernorm", None)),
 }
+
+
+def _norm_width(norm: object) -> int | None:
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
 
 
 def find_ties(model: nn.Module) -> dict[tuple[str, str, None], Callable[[nn.Module], int | None]]:
@@ -153,7 +165,18 @@ def find_ties(model: nn.Module) -> dict[tuple[str, str, None], Callable[[nn.Modu
 
 
 def apply_ties_(model: nn.Module, ties: Mapping[tuple[str, str, None], Callable[[nn.Module], int | None]]) -> None:
-    """Re-read every tied attribute from the cut layers, then :func:`sync_config_` (call after removal)."""
+    """Re-read every tied attribute from the cut layers, then :func:`sync_config_` (call after removal).
+
+    Example:
+        >>> import transformers
+        >>> model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_inner=64))
+        >>> ties = find_ties(model)
+        >>> model.h[0].mlp.c_fc.weight = torch.nn.Parameter(torch.zeros(32, 48))  # stands in for a cut
+        >>> model.h[0].mlp.c_proj.weight = torch.nn.Parameter(torch.zeros(48, 32))
+        >>> apply_ties_(model, ties)
+        >>> model.h[0].mlp.c_fc.nf, model.h[0].mlp.c_proj.nx, model.config.n_inner
+        (48, 48, 48)
+    """
     for (name, attr, _), reader in ties.items():
         module = model.get_submodule(name)
         value = reader(module)

@@ -276,6 +276,8 @@ def test_uniform_prune_of_causal_lms_cuts_what_the_config_can_hold(tmp_path) -> 
     llama = _decoder("llama", lm_head=True)
     small = gp.prune_uniform(llama, _ids(), ratio=0.25)
     assert (small.config.hidden_size, small.config.head_dim, small.config.intermediate_size) == (48, HEAD_DIM, 72)
+    layer = small.model.layers[0]  # the module attributes follow too
+    assert (layer.hidden_size, layer.mlp.hidden_size, layer.mlp.intermediate_size) == (48, 48, 72)
     small.save_pretrained(tmp_path / "llama")
     loaded = type(small).from_pretrained(tmp_path / "llama", dtype=torch.float64).eval()
     assert torch.equal(_output(loaded, _ids()), _output(small, _ids()))
