@@ -187,6 +187,7 @@ class _Recorder(TorchFunctionMode):
         inputs = call.tensor_args
         rule = RULES.get(name)
         self.ctx.store.current = f"{name} in {module or 'the model'}"
+        self.ctx.numbers_used(call)  # a channel count read from a shape, used as a value
         if not any(self.ctx.is_tracked(t) for t in inputs):
             infos = [TensorInfo.free(o.dim()) for o in outputs]
         elif rule is None:

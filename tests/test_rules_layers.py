@@ -421,3 +421,39 @@ def test_sequencer2d_s_prunes_its_lstms_exactly() -> None:
     assert small(x).shape == (1, 1000) and n_params(small) < 0.6 * n_params(model)
     rnn = small.stages[0].blocks[0].rnn_tokens.rnn_v
     assert rnn.hidden_size < 48 and rnn.input_size < 192
+
+
+# --- a channel count read from a shape, used as a number (RAFT's correlation scale) -------------
+
+class Correlation(nn.Module):
+    """RAFT's ``CorrBlock``: the correlation of two feature maps, divided by ``sqrt(C)``."""
+
+    def __init__(self, as_tensor: bool = True):
+        super().__init__()
+        self.as_tensor = as_tensor
+        self.fnet, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(16, 2, 1)
+        self.other = nn.Conv2d(8, 4, 1)
+
+    def forward(self, a, b):
+        f1, f2 = self.fnet(a), self.fnet(b)
+        n, c, h, w = f1.shape
+        corr = torch.matmul(f1.view(n, c, h * w).transpose(1, 2), f2.view(n, c, h * w))  # (N, HW, HW)
+        corr = corr / (torch.sqrt(torch.tensor(c).float()) if self.as_tensor else c ** 0.5)
+        return self.head(corr.view(n, h * w, h, w)) + self.other(f1).sum()
+
+
+@pytest.mark.parametrize("as_tensor", [True, False])
+def test_a_count_read_from_a_shape_and_used_as_a_value_freezes_its_channels(as_tensor: bool, monkeypatch) -> None:
+    torch.manual_seed(0)
+    net, a, b = Correlation(as_tensor), torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    g = groups_of(net, a, b)
+    features = group_with(g, "fnet.weight", 0)
+    assert not features.prunable.any() and "read from a shape, used as the number" in g.report()
+    assert group_with(g, "other.weight", 0).prunable.all()  # channels of other counts are untouched
+    # why: without the check, removing zeroed channels rescales the correlation
+    from graphprune.rules.context import Context
+
+    monkeypatch.setattr(Context, "numbers_used", lambda self, call: None)
+    unchecked = groups_of(net, a, b)
+    error, n, _ = removal_error(net, (a, b), {group_with(unchecked, "fnet.weight", 0).id: (0, 1, 2, 3)})
+    assert error > 1e-2

@@ -89,6 +89,13 @@ class Context:
             if dim is not None and not any(dim is r for r in reads):
                 reads.append(dim)
 
+    def numbers_used(self, call: Call) -> None:
+        """Any call (channels or not): a channel count read from a shape that reaches it as a
+        number freezes those channels (:mod:`graphprune.rules.shape_numbers`)."""
+        from .shape_numbers import freeze_counts_used_as_numbers
+
+        freeze_counts_used_as_numbers(self, call)
+
     def add_cost(self, macs: int, dims: list[np.ndarray | None]) -> None:
         """Record ``macs`` multiply-adds that scale with the kept fraction of each channel dim in ``dims``."""
         self.costs.append((int(macs), tuple(d for d in dims if d is not None)))
