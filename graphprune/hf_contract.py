@@ -37,11 +37,23 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-# model types whose attention reads ``config.head_dim``; elsewhere (BERT, GPT-2) the head size is
+# model types whose attention reads ``config.head_dim`` though their config may not set it; a config
+# that sets ``head_dim`` holds it too (see holds_head_dim). Elsewhere (BERT, GPT-2) the head size is
 # ``hidden_size // num_attention_heads``, so a config cannot hold fewer heads of the same size
-HEAD_DIM_IN_CONFIG = frozenset({"llama", "qwen2", "qwen3", "mistral", "vit"})
+HEAD_DIM_IN_CONFIG = frozenset({"qwen2", "vit"})
 _QUERY = ("q_proj", "query", "c_attn")  # a query projection (GPT-2's c_attn holds q, k and v)
-_MLP_IN = ("gate_proj", "up_proj", "c_fc", "fc1")
+_MLP_IN = ("gate_proj", "up_proj", "c_fc", "fc1", "gate_up_proj")  # Phi-3 fuses gate and up: half each
+
+
+def holds_head_dim(config: object) -> bool:
+    """Whether a config keeps the head size apart from ``hidden_size // num_attention_heads``.
+
+    Example:
+        >>> import transformers
+        >>> holds_head_dim(transformers.LlamaConfig()), holds_head_dim(transformers.BertConfig())
+        (True, False)
+    """
+    return getattr(config, "model_type", None) in HEAD_DIM_IN_CONFIG or getattr(config, "head_dim", None) is not None
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -132,9 +144,15 @@ READERS: Mapping[str, Callable[[nn.Module], int | None]] = {
     "num_attention_heads": _heads,
     "num_key_value_heads": _kv_heads,
     "num_key_value_groups": lambda m: _heads(m) // _kv_heads(m) if _heads(m) and _kv_heads(m) else None,
-    "intermediate_size": lambda m: _out(_child(m, _MLP_IN)),
+    "intermediate_size": lambda m: _mlp_width(m),
     "hidden_size": lambda m: _in(_child(m, _MLP_IN)) or _norm_width(getattr(m, "input_layernorm", None)),
 }
+
+
+def _mlp_width(module: nn.Module) -> int | None:
+    layer = _child(module, _MLP_IN)
+    width = _out(layer)
+    return width // 2 if width is not None and layer is getattr(module, "gate_up_proj", None) else width
 
 
 def _norm_width(norm: object) -> int | None:
@@ -206,10 +224,13 @@ def layer_widths(model: nn.Module) -> dict[str, list[int | None]]:
     inner = "n_inner" if hasattr(model.config, "n_inner") else "intermediate_size"
     widths = {"num_attention_heads": [_heads(m) for m in attention],
               "head_dim": [head_size(m) for m in attention],
-              inner: [_out(_child(m, _MLP_IN) or m.dense) for m in mlps]}
+              inner: [_mlp_width(m) if _child(m, _MLP_IN) is not None else _out(m.dense) for m in mlps]}
     if getattr(model.config, "num_key_value_heads", None) is not None:
         widths["num_key_value_heads"] = [_kv_heads(m) for m in attention]
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a model without input embeddings (audio, some encoders)
+        embeddings = None
     weight = getattr(embeddings, "weight", None)
     projection = getattr(embeddings, "projection", None)
     if isinstance(embeddings, nn.Embedding):
@@ -245,7 +266,7 @@ def sync_config_(model: nn.Module) -> list[str]:
             if values:
                 unsynced.append(field)
             continue
-        if field == "head_dim" and getattr(old, "model_type", None) not in HEAD_DIM_IN_CONFIG:
+        if field == "head_dim" and not holds_head_dim(old):
             continue  # derived from hidden_size // num_attention_heads: config_mismatches reports a conflict
         setattr(new, field, value)
     for module in model.modules():

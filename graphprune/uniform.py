@@ -10,7 +10,7 @@ lowest-scoring channels. Which channels go may differ per layer: the config hold
 not indices.
 
 Where the config cannot hold fewer heads of the same size (BERT, GPT-2: the head size is
-``hidden_size // num_attention_heads``; see :data:`graphprune.hf_contract.HEAD_DIM_IN_CONFIG`),
+``hidden_size // num_attention_heads``; see :func:`graphprune.hf_contract.holds_head_dim`),
 attention heads are kept and only the other groups (MLP widths) are cut.
 
 Example:
@@ -129,7 +129,7 @@ def prune_uniform(model: nn.Module, example_inputs: ExampleInputs = None, *, rat
     groups = find_groups(trace(traced, args), ignore=ignore, model=traced)
     scores = score_fn(groups, traced, **dict(scorer_options or {}))
     hf = hf_contract.is_hf_model(traced)
-    keep_heads = hf and getattr(traced.config, "model_type", None) not in hf_contract.HEAD_DIM_IN_CONFIG
+    keep_heads = hf and not hf_contract.holds_head_dim(traced.config)
     removed = uniform_selection(groups, scores, ratio=ratio, keep_heads=keep_heads)
     for _ in range(_ATTEMPTS):
         pruned, bad = _apply_uniform(model, groups, removed, args, hf)

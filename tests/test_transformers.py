@@ -306,3 +306,28 @@ def test_uniform_prune_of_causal_lms_cuts_what_the_config_can_hold(tmp_path) -> 
     small = gp.prune_uniform(gpt2, _ids(), ratio=0.25)
     assert (small.config.n_embd, small.config.n_inner) == (HIDDEN, 192)
     assert gp.hf_contract.config_mismatches(small) == []
+
+
+OTHER_DECODERS = {  # family -> query heads left by prune_uniform(ratio=0.5)
+    "mistral": 2, "qwen3": 2, "gemma": 2,
+    "phi3": HEADS,  # its fused qkv_proj is cut with constant slices (qkv[..., :query_pos]): heads frozen
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER_DECODERS))
+def test_other_decoders_prune_exactly_and_keep_their_config(family: str) -> None:
+    """Mistral, Qwen3 (q/k norms over the head dim), Gemma and Phi-3 (fused gate_up_proj)."""
+    config_cls, model_cls = {"mistral": (transformers.MistralConfig, transformers.MistralModel),
+                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3Model),
+                             "gemma": (transformers.GemmaConfig, transformers.GemmaModel),
+                             "phi3": (transformers.Phi3Config, transformers.Phi3Model)}[family]
+    config = config_cls(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=HEADS,
+                        num_key_value_heads=2, head_dim=GQA_HEAD_DIM, vocab_size=VOCAB, pad_token_id=0)
+    torch.manual_seed(0)
+    model = model_cls(config).double().eval()
+    _randomize_norms(model)
+    diff, scale, _ = _zero_then_remove(model, _ids())
+    assert scale > 0.1 and diff < 1e-12, (diff, scale)
+    small = gp.prune_uniform(model, _ids(), ratio=0.5)
+    assert (small.config.num_attention_heads, small.config.intermediate_size) == (OTHER_DECODERS[family], 48)
+    assert gp.hf_contract.config_mismatches(small) == []
