@@ -441,6 +441,33 @@ def test_a_kernel_pruned_model_trains():
     assert not torch.equal(model.layer1[0].conv1.weight, before)
 
 
+def test_kernel_masks_train_as_the_kernel_conv_and_fold_into_it():
+    model = _resnet18(num_classes=2)
+    counts = sp.kernel_masks_(model, 0.5)
+    indices = {name: sp.kernel_mask_index(model.get_submodule(name)) for name in counts}
+    R.finetune_(model, _data(), R.FinetuneConfig(epochs=1, lr=1e-2), progress=False)
+    for name, index in indices.items():  # still whole kernels, the same ones
+        assert torch.equal(sp.kernel_mask_index(model.get_submodule(name)), index), name
+    model = model.double().eval()
+    x = _conv_input(3, size=32)
+    before = model(x)
+    plan = sp.kernel_convs_from_masks_(model)
+    assert {layer.name: layer.kernels_per_output for layer in plan.layers} == counts
+    assert all(torch.equal(model.get_submodule(n).input_index, i) for n, i in indices.items())
+    assert torch.allclose(model(x), before, rtol=0, atol=ATOL)
+    assert json.loads(model.graphprune_plans[-1])["format"] == sp.KERNEL_PLAN_FORMAT
+
+
+def test_only_kernel_shaped_masks_fold_into_kernel_convs():
+    net = nn.Sequential(nn.Conv2d(4, 4, 3))
+    sp.magnitude_masks_(net, 0.5, ignore=())
+    assert sp.kernel_mask_index(net[0]) is None  # single weights, not whole kernels
+    with pytest.raises(InvalidArgumentError, match="no nn.Conv2d has a kernel-shaped mask"):
+        sp.kernel_convs_from_masks_(net)
+    with pytest.raises(InvalidArgumentError, match="already have masks"):
+        sp.kernel_masks_(net, 0.5, ignore=())
+
+
 # ----------------------------------------------------------------------------- FLOPs budgets
 
 
@@ -452,6 +479,18 @@ def test_kernel_budget_is_met(reduction):
     _, result = sp.kernel_prune_to_flops_(model, x, reduction)
     assert result.macs_after == count_macs(model, x) and result.macs_before == base
     assert abs(result.flops_reduction - reduction) < 0.005
+
+
+@pytest.mark.parametrize("reduction", [0.3, 0.7])
+def test_kernel_mask_budget_is_the_kernel_conv_budget(reduction):
+    masked, pruned = _resnet18(), _resnet18()
+    x = torch.zeros(1, 3, 64, 64)
+    counts, result = sp.kernel_masks_to_flops_(masked, x, reduction)
+    plan, structural = sp.kernel_prune_to_flops_(pruned, x, reduction)
+    assert counts == {layer.name: layer.kernels_per_output for layer in plan.layers}
+    assert result.macs_after == structural.macs_after  # effective MACs of the masks = fvcore's of KernelConv2d
+    sp.kernel_convs_from_masks_(masked)
+    assert count_macs(masked, x) == result.macs_after
 
 
 @pytest.mark.parametrize("scope", ["local", "global"])
@@ -491,16 +530,23 @@ def test_sparse_sp_t_zero_shot_meets_the_budget(granularity):
     prune = result.stage("prune")
     assert abs(prune.details["flops_reduction"] - 0.5) < 0.02
     assert result.final.steps == 0
+    assert not sp.masked_modules(model)  # made permanent: saveable
+    assert result.final.macs == count_macs(model, torch.zeros(1, 3, 32, 32))
+    if granularity == "kernel":
+        assert any(isinstance(m, sp.KernelConv2d) for m in model.modules())
+        assert abs(1 - result.final.macs / result.base_macs - 0.5) < 0.005  # fvcore, on the deployed form
     if granularity == "unstructured":
-        assert not sp.masked_modules(model)  # made permanent: saveable
+        assert result.final.macs == result.base_macs  # a dense kernel still runs every MAC
         assert abs(result.final.details["flops_reduction"] - 0.5) < 0.005
 
 
-@pytest.mark.parametrize("mode", ["full", "linear"])
-def test_sparse_sp_t_finetuning_keeps_the_masks(mode):
+@pytest.mark.parametrize("granularity, mode", [("unstructured", "full"), ("unstructured", "linear"),
+                                               ("kernel", "full")])
+def test_sparse_sp_t_finetuning_keeps_the_masks(granularity, mode):
     from graphprune.recipes.sparse import SparseTransferConfig, sparse_sp_t
 
-    config = SparseTransferConfig(granularity="unstructured", flops_reduction=0.6, scope="global", keep_masks=True,
+    config = SparseTransferConfig(granularity=granularity, flops_reduction=0.6, keep_masks=True,
+                                  scope="global" if granularity == "unstructured" else "local",
                                   target=R.FinetuneConfig(epochs=1, mode=mode, lr=1e-2), run=_run())
     model, result = sparse_sp_t(_resnet18(), _data(), config)
     assert result.final.steps == 2
@@ -527,6 +573,8 @@ def test_sparse_config_refuses_what_does_not_apply():
         SparseTransferConfig(granularity="block")
     with pytest.raises(InvalidArgumentError, match="apply to granularity='unstructured'"):
         SparseTransferConfig(granularity="kernel", gradual=True)
+    with pytest.raises(InvalidArgumentError, match="channel pruning leaves no mask"):
+        SparseTransferConfig(granularity="channel", keep_masks=True)
     with pytest.raises(InvalidArgumentError, match="target.mode='full'"):
         SparseTransferConfig(granularity="unstructured", gradual=True, target=R.FinetuneConfig(mode="linear"))
     with pytest.raises(InvalidArgumentError, match="checkpoint"):

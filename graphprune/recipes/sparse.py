@@ -12,10 +12,12 @@ ImageNet models transfer?*) in one recipe, :func:`sparse_sp_t`:
   :mod:`graphprune.sparsity` prunes it to the budget (stage ``prune``: BatchNorm statistics
   re-estimated as in SP->T), then :func:`~graphprune.recipes.finetune_` trains it (stage
   ``target``: ``mode="full"`` or ``"linear"``, ``epochs=0`` is zero-shot).
-* Unstructured masks are ``torch.nn.utils.prune`` reparametrizations, so ``finetune_`` keeps
-  them unchanged; ``gradual=True`` instead grows them during ``target`` along GMP's cubic
-  schedule. The returned model has them made permanent (plain zero weights) unless
-  ``keep_masks=True``.
+* Both are ``torch.nn.utils.prune`` masks while the model trains (kernel-shaped for
+  ``"kernel"``: the dense conv with its removed kernels zero is the same function, and trains
+  at dense speed), so ``finetune_`` keeps them unchanged; ``gradual=True`` instead grows
+  unstructured masks during ``target`` along GMP's cubic schedule. Unless ``keep_masks=True``
+  the returned model has them made permanent: plain zero weights (unstructured), or
+  :class:`~graphprune.sparsity.KernelConv2d` layers, gather + grouped conv (kernel).
 
 Every stage's ``details`` holds the granularity and the measured ``flops_reduction``; for
 unstructured masks that is of the *effective* MACs (nonzero weights only), while ``macs`` is
@@ -33,8 +35,10 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..groups import classifier_names
-from ..sparsity import (GradualPruner, GradualSchedule, check_reduction, effective_macs, kernel_prune_to_flops_,
-                        make_permanent_, maskable_modules, overall_sparsity, unstructured_to_flops_)
+from ..measurement import count_macs, count_params
+from ..sparsity import (GradualPruner, GradualSchedule, check_reduction, effective_macs, kernel_convs_from_masks_,
+                        kernel_masks_to_flops_, make_permanent_, maskable_modules, overall_sparsity,
+                        unstructured_to_flops_)
 from ..sparsity.budget import _global_sparsity_for
 from .config import HEAD_INITS, FinetuneConfig, PruneConfig, RunConfig, TransferConfig
 from .data import TransferData
@@ -70,8 +74,9 @@ class SparseTransferConfig:
         run: seed, progress, device (``checkpoint_dir`` only with ``"channel"``).
         head_init: ``"probe"`` (the classifier fitted on the unpruned features first) or ``"random"``.
         recalibrate_batches: BatchNorm re-estimate after pruning, as :attr:`PruneConfig.recalibrate_batches`.
-        keep_masks: unstructured only: return the model with its ``torch.nn.utils.prune`` masks
-            (to train on) instead of permanent zeros (to save).
+        keep_masks: kernel and unstructured: return the model with its ``torch.nn.utils.prune``
+            masks (to train on, or to evaluate at dense-kernel speed) instead of permanent zeros
+            or ``KernelConv2d`` layers (to save and deploy).
     """
 
     granularity: str = "kernel"
@@ -93,9 +98,12 @@ class SparseTransferConfig:
             if value not in choices:
                 raise InvalidArgumentError(f"SparseTransferConfig.{name} must be one of {choices}, got {value!r}")
         check_reduction(self.flops_reduction)
-        if self.granularity != "unstructured" and (self.gradual or self.scope != "local" or self.keep_masks):
-            raise InvalidArgumentError("SparseTransferConfig.gradual, scope and keep_masks apply to "
+        if self.granularity != "unstructured" and (self.gradual or self.scope != "local"):
+            raise InvalidArgumentError("SparseTransferConfig.gradual and scope apply to "
                                        f"granularity='unstructured', not {self.granularity!r}")
+        if self.granularity == "channel" and self.keep_masks:
+            raise InvalidArgumentError("SparseTransferConfig.keep_masks applies to granularity 'kernel' and "
+                                       "'unstructured'; channel pruning leaves no mask")
         if self.scope == "global" and self.signal == "random":
             raise InvalidArgumentError("a global ranking is by magnitude; use scope='local' with signal='random'")
         if self.gradual and (self.target.epochs == 0 or self.target.mode != "full"):
@@ -138,9 +146,11 @@ def _prune(model: nn.Module, data: TransferData, config: SparseTransferConfig, p
     details: dict = {"granularity": config.granularity, "signal": config.signal,
                      "target_flops_reduction": config.flops_reduction}
     if config.granularity == "kernel":
-        _, budget = kernel_prune_to_flops_(model, example, config.flops_reduction, signal=config.signal,
+        _, budget = kernel_masks_to_flops_(model, example, config.flops_reduction, signal=config.signal,
                                            ignore=ignore, seed=config.run.seed)
-        details.update(keep_ratio=budget.setting, flops_reduction=budget.flops_reduction)
+        details.update(keep_ratio=budget.setting, effective_macs=budget.macs_after,
+                       flops_reduction=budget.flops_reduction,
+                       sparsity=overall_sparsity(maskable_modules(model, ignore)))
         return details, None
     details["scope"] = config.scope
     if not config.gradual:
@@ -223,17 +233,19 @@ def sparse_sp_t(model: nn.Module, data: TransferData, config: SparseTransferConf
     else:
         target = finetune_(model, data, config.target, name="target", ctx=ctx, seed=run.seed, progress=progress,
                            placement=placement)
-    target_details = {**target.details, "granularity": config.granularity}
-    if config.granularity == "unstructured":
-        modules = maskable_modules(model, classifier_names(model))
-        after = effective_macs(model, data.example_inputs(), modules)
-        target_details.update(sparsity=overall_sparsity(modules), effective_macs=after,
-                              flops_reduction=1.0 - after / probe_result.base_macs)
-        if not config.keep_masks:
+    example = data.example_inputs()
+    modules = maskable_modules(model, classifier_names(model))
+    target_details = {**target.details, "granularity": config.granularity, "sparsity": overall_sparsity(modules)}
+    if not config.keep_masks:
+        if config.granularity == "kernel":
+            kernel_convs_from_masks_(model)  # the deployed form: gather + grouped conv, on the plan history
+            placement.model_(model)
+        else:
             make_permanent_(model)
-    else:
-        target_details["flops_reduction"] = 1.0 - target.macs / probe_result.base_macs
-    target = dataclasses.replace(target, details=target_details)
+    after = effective_macs(model, example, maskable_modules(model, classifier_names(model)))
+    target_details.update(effective_macs=after, flops_reduction=1.0 - after / probe_result.base_macs)
+    target = dataclasses.replace(target, macs=int(count_macs(model, example)), params=int(count_params(model)),
+                                 details=target_details)
     stages = (*[s for s in probe_result.stages if s.name == "probe"], pruned, target)
     result = RecipeResult(recipe=f"SP->T/{config.granularity}", stages=tuple(stages),
                           base_macs=probe_result.base_macs, config=config.to_dict())

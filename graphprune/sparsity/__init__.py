@@ -6,7 +6,8 @@
   global magnitude (or random), one-shot or gradual (GMP's cubic schedule), N:M.
 * Kernel pruning (:mod:`.kernel_conv`, :mod:`.kernel_plan`) is structural: each dense conv
   becomes a :class:`KernelConv2d` (gather + grouped conv), recorded as a ``graphprune.kernels/1``
-  plan that :func:`graphprune.io.save` / ``load`` replay.
+  plan that :func:`graphprune.io.save` / ``load`` replay. To fine-tune at dense speed, mask the
+  kernels first and make the convs structural afterwards (:mod:`.kernel_masks`).
 * FLOPs budgets (:mod:`.budget`) and the effective MACs of masked weights (:mod:`.weights`).
 
 Example:
@@ -19,11 +20,13 @@ Example:
     ['conv1', 'layer1.0.conv1']
 """
 
-from .budget import BudgetResult, check_reduction, kernel_prune_to_flops_, unstructured_to_flops_
+from .budget import (BudgetResult, check_reduction, kernel_masks_to_flops_, kernel_prune_to_flops_,
+                     unstructured_to_flops_)
 from .gradual import GradualPruner, GradualSchedule
 from .kernel_conv import KernelConv2d, check_index, check_kernels_per_output
+from .kernel_masks import kernel_convs_from_masks_, kernel_mask_index, kernel_masks_
 from .kernel_plan import (KERNEL_PLAN_FORMAT, KernelLayer, KernelPlan, apply_kernel_plan_, dense_convs, is_kernel_plan,
-                          kernel_prune_, kernel_scores)
+                          kernel_counts, kernel_indices, kernel_prune_, kernel_scores, replace_convs_)
 from .nm import NMMagnitude, check_nm, is_nm, nm_masks_, semi_structured_
 from .unstructured import (SCOPES, SIGNALS, SparsityReport, check_sparsity, grow_masks_, install_masks_,
                            magnitude_masks_, make_permanent_, masked_modules)
@@ -31,11 +34,12 @@ from .weights import (MASKABLE_TYPES, effective_macs, effective_weight, is_maske
                       overall_sparsity)
 
 __all__ = [
-    "KERNEL_PLAN_FORMAT", "MASKABLE_TYPES", "SCOPES", "SIGNALS", "BudgetResult", "GradualPruner", "GradualSchedule",
-    "KernelConv2d", "KernelLayer", "KernelPlan", "NMMagnitude", "SparsityReport", "apply_kernel_plan_",
-    "check_index", "check_kernels_per_output", "check_nm", "check_reduction", "check_sparsity", "dense_convs",
-    "effective_macs", "effective_weight", "grow_masks_", "install_masks_", "is_kernel_plan", "is_masked", "is_nm",
-    "kernel_prune_", "kernel_prune_to_flops_", "kernel_scores", "magnitude_masks_", "make_permanent_",
-    "maskable_modules", "masked_modules", "module_sparsity", "nm_masks_", "overall_sparsity", "semi_structured_",
-    "unstructured_to_flops_",
+    "BudgetResult", "GradualPruner", "GradualSchedule", "KERNEL_PLAN_FORMAT", "KernelLayer", "KernelPlan",
+    "MASKABLE_TYPES", "NMMagnitude", "SCOPES", "SIGNALS", "SparsityReport", "apply_kernel_plan_", "check_index",
+    "check_kernels_per_output", "check_nm", "check_reduction", "check_sparsity", "dense_convs", "effective_macs",
+    "effective_weight", "grow_masks_", "install_masks_", "is_kernel_plan", "is_masked", "is_nm",
+    "kernel_convs_from_masks_", "kernel_counts", "kernel_indices", "kernel_mask_index", "kernel_masks_",
+    "kernel_masks_to_flops_", "kernel_prune_", "kernel_prune_to_flops_", "kernel_scores", "magnitude_masks_",
+    "make_permanent_", "maskable_modules", "masked_modules", "module_sparsity", "nm_masks_", "overall_sparsity",
+    "replace_convs_", "semi_structured_", "unstructured_to_flops_",
 ]

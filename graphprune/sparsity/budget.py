@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..measurement import analyze_macs, count_macs
+from .kernel_masks import kernel_convs_from_masks_, kernel_masks_  # noqa: F401  (kernel_convs_from_masks_: example)
 from .kernel_plan import KernelPlan, dense_convs, kernel_prune_
 from .unstructured import SCOPES, SparsityReport, _check_choice, magnitude_masks_
 from .weights import effective_macs, effective_weight, resolve_modules
@@ -134,6 +135,39 @@ def kernel_prune_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
     after = count_macs(model, example_inputs)
     kept = sum(counts[n] * layers[n][2] for n in counts) / sum(cin * cout for _, cin, cout in layers.values())
     return plan, BudgetResult("kernel", target, 1.0 - after / count.macs, count.macs, after, kept)
+
+
+def kernel_masks_to_flops_(model: nn.Module, example_inputs, flops_reduction: float, *, signal: str = "magnitude",
+                           ignore: Iterable[str] | None = None, seed: int = 0) -> tuple[dict[str, int], BudgetResult]:
+    """As :func:`kernel_prune_to_flops_`, as kernel-shaped masks on the dense convs (to train at dense speed).
+
+    ``BudgetResult.macs_after`` is the effective MACs, equal to what the
+    :class:`~graphprune.sparsity.kernel_conv.KernelConv2d` form counts
+    (:func:`~graphprune.sparsity.kernel_masks.kernel_convs_from_masks_` makes it).
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("resnet18", pretrained=False)
+        >>> x = torch.zeros(1, 3, 64, 64)
+        >>> counts, result = kernel_masks_to_flops_(model, x, 0.5)
+        >>> _ = kernel_convs_from_masks_(model)
+        >>> count_macs(model, x) == result.macs_after
+        True
+    """
+    target = check_reduction(flops_reduction)
+    count = analyze_macs(model, example_inputs)
+    convs = dense_convs(model, ignore)
+    layers = {name: (count.macs_by_module.get(name, 0), conv.in_channels, conv.out_channels)
+              for name, conv in convs.items()}
+    wanted = target * count.macs
+    most = _removed(layers, _counts_at(layers, 0.0))
+    if wanted > most:
+        raise InvalidArgumentError(f"the dense convs can give at most {most / count.macs:.3f} of the MACs "
+                                   f"(one kernel per output), less than flops_reduction={target}")
+    counts = kernel_masks_(model, _kernel_counts(layers, wanted), signal=signal, seed=seed)
+    after = effective_macs(model, example_inputs, {name: convs[name] for name in counts})
+    kept = sum(counts[n] * layers[n][2] for n in counts) / sum(cin * cout for _, cin, cout in layers.values())
+    return counts, BudgetResult("kernel", target, 1.0 - after / count.macs, count.macs, after, kept)
 
 
 def _global_sparsity_for(modules: dict[str, nn.Module], macs_by_module, wanted: float) -> float:

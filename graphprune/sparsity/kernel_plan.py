@@ -179,6 +179,85 @@ def dense_convs(model: nn.Module, ignore: Iterable[str] | None = None) -> dict[s
             and not any(name == i or name.startswith(i + ".") for i in ignored if i)}
 
 
+def kernel_counts(model: nn.Module, keep_ratio: float | Mapping[str, int], *, modules: Iterable[str] | None = None,
+                  ignore: Iterable[str] | None = None) -> dict[str, int]:
+    """``{conv name: k}`` for a keep ratio (``k = max(1, round(keep_ratio * in))``) or as given.
+
+    Example:
+        >>> kernel_counts(nn.Sequential(nn.Conv2d(6, 2, 3)), 0.5)
+        {'0': 3}
+    """
+    if isinstance(keep_ratio, Mapping):
+        counts = dict(keep_ratio)
+    else:
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+            raise InvalidArgumentError(f"keep_ratio must be a fraction of the kernels in (0, 1], got {keep_ratio!r}")
+        all_modules = dict(model.named_modules())
+        names = list(dense_convs(model, ignore)) if modules is None else list(modules)
+        counts = {name: max(1, round(keep_ratio * getattr(all_modules.get(name), "in_channels", 1)))
+                  for name in names}
+    if not counts:
+        raise InvalidArgumentError("no dense nn.Conv2d to kernel-prune")
+    return counts
+
+
+def kernel_indices(model: nn.Module, counts: Mapping[str, int], *, signal: str = "magnitude", seed: int = 0
+                   ) -> dict[str, torch.Tensor]:
+    """``{conv name: (out, k) input channels kept}``, each row sorted: the top-``k`` kernels by ``signal``.
+
+    Raises:
+        InvalidArgumentError: an unknown or non-dense conv, or ``k`` out of ``[1, in_channels]``.
+
+    Example:
+        >>> conv = nn.Sequential(nn.Conv2d(4, 1, 1, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = conv[0].weight.copy_(torch.tensor([1.0, -4.0, 3.0, 2.0]).view(1, 4, 1, 1))
+        >>> kernel_indices(conv, {"0": 2})["0"].tolist()
+        [[1, 2]]
+    """
+    if signal not in KERNEL_SIGNALS:
+        raise InvalidArgumentError(f"signal must be one of {KERNEL_SIGNALS}, got {signal!r}")
+    all_modules = dict(model.named_modules())
+    generator = torch.Generator().manual_seed(seed)
+    indices = {}
+    for name, k in counts.items():
+        conv = all_modules.get(name)
+        if conv is None:
+            raise InvalidArgumentError(f"{name!r}: the model has no such module")
+        check_dense_conv(conv)
+        check_kernels_per_output(k, conv.in_channels)
+        scores = kernel_scores(conv, signal, generator)  # (out, in)
+        indices[name] = scores.topk(k, dim=1).indices.sort(dim=1).values  # (out, k)
+    return indices
+
+
+def replace_convs_(model: nn.Module, indices: Mapping[str, torch.Tensor], *, record: bool = True) -> KernelPlan:
+    """Swap each named dense conv for a :class:`KernelConv2d` keeping ``indices[name]``; all or nothing.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 2, 1))
+        >>> replace_convs_(net, {"0": torch.tensor([[0], [2]])}, record=False).layers[0].kernels_per_output
+        1
+    """
+    all_modules = dict(model.named_modules())
+    layers, built = [], {}
+    for name, index in indices.items():
+        conv = all_modules.get(name)
+        if conv is None:
+            raise InvalidArgumentError(f"{name!r}: the model has no such module")
+        check_dense_conv(conv)
+        built[name] = KernelConv2d.from_conv(conv, index)
+        layers.append(KernelLayer(name, conv.in_channels, conv.out_channels, built[name].kernels_per_output))
+    for name, module in built.items():
+        _set_module(model, name, module)
+    plan = KernelPlan(tuple(layers))
+    if record:
+        from ..api import record_plan
+
+        record_plan(model, plan)
+    return plan
+
+
 def kernel_prune_(model: nn.Module, keep_ratio: float | Mapping[str, int], *, signal: str = "magnitude",
                   modules: Iterable[str] | None = None, ignore: Iterable[str] | None = None,
                   seed: int = 0, record: bool = True) -> KernelPlan:
@@ -204,36 +283,5 @@ def kernel_prune_(model: nn.Module, keep_ratio: float | Mapping[str, int], *, si
         >>> model.layer1[0].conv1.kernels_per_output, model(torch.randn(1, 3, 32, 32)).shape
         (32, torch.Size([1, 1000]))
     """
-    if signal not in KERNEL_SIGNALS:
-        raise InvalidArgumentError(f"signal must be one of {KERNEL_SIGNALS}, got {signal!r}")
-    all_modules = dict(model.named_modules())
-    if isinstance(keep_ratio, Mapping):
-        counts = dict(keep_ratio)
-    else:
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-            raise InvalidArgumentError(f"keep_ratio must be a fraction of the kernels in (0, 1], got {keep_ratio!r}")
-        names = list(dense_convs(model, ignore)) if modules is None else list(modules)
-        counts = {name: max(1, round(keep_ratio * getattr(all_modules.get(name), "in_channels", 1)))
-                  for name in names}
-    if not counts:
-        raise InvalidArgumentError("no dense nn.Conv2d to kernel-prune")
-    generator = torch.Generator().manual_seed(seed)
-    layers, built = [], {}
-    for name, k in counts.items():
-        conv = all_modules.get(name)
-        if conv is None:
-            raise InvalidArgumentError(f"{name!r}: the model has no such module")
-        check_dense_conv(conv)
-        check_kernels_per_output(k, conv.in_channels)
-        scores = kernel_scores(conv, signal, generator)  # (out, in)
-        index = scores.topk(k, dim=1).indices  # (out, k); from_conv sorts each row
-        built[name] = KernelConv2d.from_conv(conv, index)
-        layers.append(KernelLayer(name, conv.in_channels, conv.out_channels, k))
-    for name, module in built.items():
-        _set_module(model, name, module)
-    plan = KernelPlan(tuple(layers))
-    if record:
-        from ..api import record_plan
-
-        record_plan(model, plan)
-    return plan
+    counts = kernel_counts(model, keep_ratio, modules=modules, ignore=ignore)
+    return replace_convs_(model, kernel_indices(model, counts, signal=signal, seed=seed), record=record)
