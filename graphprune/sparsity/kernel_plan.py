@@ -63,6 +63,10 @@ class KernelPlan:
 
         Raises:
             InvalidArgumentError: not a kernel plan, or a field of the wrong type or range.
+
+        Example:
+            >>> KernelPlan.from_json('{"format": "graphprune.kernels/1", "layers": []}')
+            KernelPlan(layers=())
         """
         try:
             data = json.loads(text)

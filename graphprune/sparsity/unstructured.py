@@ -105,6 +105,12 @@ def refresh_(module: nn.Module) -> None:
 
     ``prune`` leaves a non-leaf tensor there, which ``copy.deepcopy`` (used by the recipes and
     timm's EMA) refuses; the forward pre-hook recomputes it with grad when training.
+
+    Example:
+        >>> import copy
+        >>> layer = prune.l1_unstructured(nn.Linear(2, 2), "weight", amount=1)
+        >>> refresh_(layer); layer.weight.requires_grad, type(copy.deepcopy(layer)).__name__
+        (False, 'Linear')
     """
     with torch.no_grad():
         module.weight = module.weight_orig * module.weight_mask
