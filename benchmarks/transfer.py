@@ -87,6 +87,9 @@ class Variant:
         budget: the FLOPs (MACs) reduction asked for (TransTailor: the most its steps can reach).
         reuse: classifier reuse (the full model's classifier, frozen).
         align: weight of the class-mean alignment loss.
+        scope: ``"local"`` (the same fraction of every group) or ``"global"`` (one ranking over
+            all groups, at most ``GLOBAL_CAP`` of a group removed).
+        distill: weight of distillation from the S->T model while the pruned model fine-tunes.
     """
 
     recipe: str
@@ -94,10 +97,13 @@ class Variant:
     budget: float
     reuse: bool = False
     align: float = 0.0
+    scope: str = "local"
+    distill: float = 0.0
 
     @property
     def name(self) -> str:
-        return self.scorer + ("+reuse" if self.reuse else "") + ("+align" if self.align else "")
+        return (self.scorer + ("+reuse" if self.reuse else "") + ("+align" if self.align else "")
+                + ("+global" if self.scope == "global" else "") + ("+kd" if self.distill else ""))
 
 
 def _set(recipe: str, scorers: tuple[str, ...], budgets: tuple[float, ...]) -> tuple[Variant, ...]:
@@ -105,10 +111,14 @@ def _set(recipe: str, scorers: tuple[str, ...], budgets: tuple[float, ...]) -> t
     for budget in budgets:
         for s in scorers:
             scorer, *flags = s.split("+")
-            out.append(Variant(recipe, scorer, budget, reuse="reuse" in flags, align=1.0 if "align" in flags else 0.0))
+            out.append(Variant(recipe, scorer, budget, reuse="reuse" in flags, align=1.0 if "align" in flags else 0.0,
+                               scope="global" if "global" in flags else "local",
+                               distill=DISTILL if "kd" in flags else 0.0))
     return tuple(out)
 
 
+GLOBAL_CAP = 0.7  # max_group_ratio of a global ranking
+DISTILL = 0.7  # FinetuneConfig.distill of the "+kd" variants (temperature: the default, 2)
 ALL_SCORERS = ("l1", "random", "target_taylor", "classmean", "classmean+reuse", "classmean+align",
                "classmean+reuse+align", "tp_l1", "tp_taylor")
 # the core set: the two strongest graphprune recipes of the previous Flowers run, Torch-Pruning group L1
@@ -307,16 +317,18 @@ def run_variant(task_name: str, task: Task, variant: Variant, seed: int, source:
     else:
         model = copy.deepcopy(full)
         prune = R.PruneConfig(scorer=variant.scorer, flops_reduction=variant.budget, classifier_reuse=variant.reuse,
-                              alignment_weight=variant.align,
+                              alignment_weight=variant.align, scope=variant.scope,
+                              max_group_ratio=GLOBAL_CAP if variant.scope == "global" else None,
                               # a class mean needs every class: classmean reads the whole training set
                               scoring_batches=None if variant.scorer == "classmean" else task.scoring_batches)
         R.prune_stage_(model, data, prune, seed=seed, progress=False, placement=placement)
     extra["prune_s"] = round(time.perf_counter() - prune_start, 1)
     if variant.align and "means" not in means:
         means["means"] = R.stages.full_model_class_means(full, data, progress=False)
-    record = R.finetune_(model, data, task.target, name="target", freeze_classifier=variant.reuse,
-                         class_means=means.get("means") if variant.align else None, alignment_weight=variant.align,
-                         seed=seed, progress=False, placement=placement)
+    record = R.finetune_(model, data, replace(task.target, distill=variant.distill), name="target",
+                         freeze_classifier=variant.reuse, class_means=means.get("means") if variant.align else None,
+                         alignment_weight=variant.align, seed=seed, progress=False, placement=placement,
+                         teacher=full if variant.distill else None)
     budget = {"train_steps": full_budget["train_steps"] + record.steps,
               "train_gmacs": round(full_budget["train_gmacs"] + record.steps * task.batch_size * record.macs / 1e9, 1)}
     return _row(task_name, task, variant, "S->TP->T", seed, model, data, test, base_macs, started, placement,
@@ -337,8 +349,21 @@ def append_row(path: Path, row: dict) -> None:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def finished(out: Path, task_name: str, seed: int) -> set[tuple[str, str, float]]:
+    """(recipe, variant, budget) of the rows of (task, seed) already in ``out`` without an error
+    (TransTailor rows carry their selection in ``error``): a rerun of the job skips them."""
+    if not out.exists():
+        return set()
+    return {(r["recipe"], r["variant"], float(r["budget"])) for r in read_rows(out)
+            if r["task"] == task_name and int(r["seed"]) == seed
+            and (not r["error"] or r["recipe"] in ("LP", "TransTailor")) and r["test_accuracy"]}
+
+
 def run_job(task_name: str, task: Task, seed: int, out: Path) -> None:
-    """LP, S->T and every variant of one (task, seed), rows appended to ``out`` as they finish."""
+    """LP, S->T and every variant of one (task, seed), rows appended to ``out`` as they finish;
+    rows already in ``out`` are not run again (the same seed retrains the same S->T model)."""
+    done = finished(out, task_name, seed)
+    todo = [v for v in task.variants if (v.recipe, v.name, v.budget) not in done]
     root = shared_data_dir() / task.dataset
     source = load_source(task.model)
     train_pc, val_pc, test_pc = task.per_class
@@ -352,20 +377,25 @@ def run_job(task_name: str, task: Task, seed: int, out: Path) -> None:
     started = time.perf_counter()
     probe, result = R.s_to_t(source, raw, R.TransferConfig(source=R.FinetuneConfig(epochs=0), run=quiet))
     base_macs = result.final.macs
-    row = _row(task_name, task, None, "LP", seed, probe, data, test, base_macs, started, placement,
-               train_steps=0, train_gmacs=0.0, error=f"l2 {result.stage('probe').details['l2']}")
-    append_row(out, row)
-    print(f"{task_name} seed {seed} LP: val {row['val_accuracy']} test {row['test_accuracy']} ({row['seconds']} s)",
-          flush=True)
+    if ("LP", "LP", 0.0) not in done:
+        row = _row(task_name, task, None, "LP", seed, probe, data, test, base_macs, started, placement,
+                   train_steps=0, train_gmacs=0.0, error=f"l2 {result.stage('probe').details['l2']}")
+        append_row(out, row)
+        print(f"{task_name} seed {seed} LP: val {row['val_accuracy']} test {row['test_accuracy']} "
+              f"({row['seconds']} s)", flush=True)
+    if ("S->T", "S->T", 0.0) in done and not todo:
+        return
     started = time.perf_counter()
     full, result = R.s_to_t(source, raw, R.TransferConfig(source=task.source, run=quiet))
     full_budget = _budget(result, task.batch_size)
-    row = _row(task_name, task, None, "S->T", seed, full, data, test, base_macs, started, placement, **full_budget)
-    append_row(out, row)
-    print(f"{task_name} seed {seed} S->T: val {row['val_accuracy']} test {row['test_accuracy']} "
-          f"({row['seconds']} s)", flush=True)
+    if ("S->T", "S->T", 0.0) not in done:
+        row = _row(task_name, task, None, "S->T", seed, full, data, test, base_macs, started, placement,
+                   **full_budget)
+        append_row(out, row)
+        print(f"{task_name} seed {seed} S->T: val {row['val_accuracy']} test {row['test_accuracy']} "
+              f"({row['seconds']} s)", flush=True)
     means: dict = {}
-    for variant in task.variants:
+    for variant in todo:
         try:
             row = run_variant(task_name, task, variant, seed, source, full, data, test, base_macs, full_budget,
                               means, placement)
@@ -603,7 +633,8 @@ def main(argv: list[str] | None = None) -> None:
         jobs = [(name, seed) for seed in ([0] if args.quick else [0, 1, 2]) for name in sorted(tasks)]
     out = args.out or RESULTS / ("transfer_quick.csv" if args.quick else "transfer.csv")
     if out.exists():  # appending lets parallel processes share one CSV; a stale file would mix runs
-        print(f"appending to {out} ({len(read_rows(out))} rows already); delete it for a fresh run", flush=True)
+        print(f"appending to {out} ({len(read_rows(out))} rows already; finished rows of a job are skipped); "
+              "delete it for a fresh run", flush=True)
     if args.workers > 1:
         run_jobs(jobs, args.workers, args.quick, args.threads, out)
     else:
