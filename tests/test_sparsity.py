@@ -35,6 +35,12 @@ def _resnet18(num_classes: int = 4) -> nn.Module:
     return timm.create_model("resnet18", pretrained=False, num_classes=num_classes).eval()
 
 
+def _small(num_classes: int = 2) -> nn.Module:
+    """A small timm ResNet (0.4 M parameters): for the tests that train or rank all weights."""
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", pretrained=False, num_classes=num_classes).eval()
+
+
 def _data(n: int = 8, size: int = 32, classes: int = 2) -> R.TransferData:
     generator = torch.Generator().manual_seed(0)
     pairs = TensorDataset(torch.randn(n, 3, size, size, generator=generator), torch.arange(n) % classes)
@@ -77,7 +83,7 @@ def test_zero_sparsity_is_the_identity():
 
 
 def test_random_signal_is_seeded_and_leaves_the_global_stream_alone():
-    a, b, c = _resnet18(), _resnet18(), _resnet18()
+    a, b, c = _small(), _small(), _small()
     torch.manual_seed(123)
     sp.magnitude_masks_(a, 0.5, signal="random", seed=1)
     after_masking = torch.rand(1)
@@ -138,7 +144,7 @@ def _changed(before: dict, model: nn.Module, names) -> bool:
 
 @pytest.mark.parametrize("mode, ema", [("full", None), ("full", 0.5), ("linear", None)])
 def test_masked_weights_stay_exactly_zero_through_finetuning(mode, ema):
-    model = _resnet18(num_classes=2)
+    model = _small()
     sp.magnitude_masks_(model, 0.6, scope="global")
     weights = sp.maskable_modules(model)
     masks = {name: m.weight_mask.clone() for name, m in weights.items()}
@@ -203,7 +209,7 @@ def test_bad_schedules_are_refused(kwargs, match):
 
 
 def test_gradual_pruning_during_finetune_reaches_the_schedule():
-    model = _resnet18(num_classes=2)
+    model = _small()
     data = _data(n=16)  # 4 batches per epoch, 2 epochs: 8 steps
     pruner = sp.GradualPruner(model, sp.GradualSchedule(final_sparsity=0.8, end_step=6, scope="global"))
     seen = []
@@ -434,7 +440,7 @@ def test_kernel_magnitude_keeps_the_largest_kernels_and_random_differs():
 
 
 def test_a_kernel_pruned_model_trains():
-    model = _resnet18(num_classes=2)
+    model = _small()
     sp.kernel_prune_(model, 0.5)
     before = model.layer1[0].conv1.weight.detach().clone()
     R.finetune_(model, _data(), R.FinetuneConfig(epochs=1, lr=1e-2), progress=False)
@@ -496,7 +502,7 @@ def test_kernel_mask_budget_is_the_kernel_conv_budget(reduction):
 @pytest.mark.parametrize("scope", ["local", "global"])
 @pytest.mark.parametrize("reduction", [0.3, 0.5, 0.7])
 def test_unstructured_budget_is_met(scope, reduction):
-    model = _resnet18()
+    model = _small()
     x = torch.zeros(1, 3, 64, 64)
     _, result = sp.unstructured_to_flops_(model, x, reduction, scope=scope)
     assert result.macs_after == sp.effective_macs(model, x, sp.maskable_modules(model))
@@ -525,7 +531,7 @@ def test_sparse_sp_t_zero_shot_meets_the_budget(granularity):
 
     config = SparseTransferConfig(granularity=granularity, flops_reduction=0.5, target=R.FinetuneConfig(epochs=0),
                                   run=_run())
-    model, result = sparse_sp_t(_resnet18(), _data(), config)
+    model, result = sparse_sp_t(_small(), _data(), config)
     assert [s.name for s in result.stages] == ["probe", "prune", "target"]
     prune = result.stage("prune")
     assert abs(prune.details["flops_reduction"] - 0.5) < 0.02
@@ -548,7 +554,7 @@ def test_sparse_sp_t_finetuning_keeps_the_masks(granularity, mode):
     config = SparseTransferConfig(granularity=granularity, flops_reduction=0.6, keep_masks=True,
                                   scope="global" if granularity == "unstructured" else "local",
                                   target=R.FinetuneConfig(epochs=1, mode=mode, lr=1e-2), run=_run())
-    model, result = sparse_sp_t(_resnet18(), _data(), config)
+    model, result = sparse_sp_t(_small(), _data(), config)
     assert result.final.steps == 2
     assert result.final.details["sparsity"] == result.stage("prune").details["sparsity"]
     assert abs(result.final.details["flops_reduction"] - 0.6) < 0.005
@@ -561,7 +567,7 @@ def test_sparse_sp_t_gradual_reaches_the_budget_by_the_end():
 
     config = SparseTransferConfig(granularity="unstructured", flops_reduction=0.5, gradual=True,
                                   target=R.FinetuneConfig(epochs=2, lr=1e-3), run=_run())
-    _, result = sparse_sp_t(_resnet18(), _data(n=16), config)
+    _, result = sparse_sp_t(_small(), _data(n=16), config)
     assert result.stage("prune").details["sparsity"] == 0.0
     assert abs(result.final.details["flops_reduction"] - 0.5) < 0.01
 
