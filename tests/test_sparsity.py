@@ -526,7 +526,7 @@ def _run(**kwargs) -> R.RunConfig:
 
 
 @pytest.mark.parametrize("granularity", ["channel", "kernel", "unstructured"])
-def test_sparse_sp_t_zero_shot_meets_the_budget(granularity):
+def test_sparse_sp_t_zero_shot_meets_the_budget(granularity, tmp_path):
     from graphprune.recipes.sparse import SparseTransferConfig, sparse_sp_t
 
     config = SparseTransferConfig(granularity=granularity, flops_reduction=0.5, target=R.FinetuneConfig(epochs=0),
@@ -544,6 +544,8 @@ def test_sparse_sp_t_zero_shot_meets_the_budget(granularity):
     if granularity == "unstructured":
         assert result.final.macs == result.base_macs  # a dense kernel still runs every MAC
         assert abs(result.final.details["flops_reduction"] - 0.5) < 0.005
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(gp.io.load(gp.io.save(model, tmp_path / granularity))(x), model.eval()(x))
 
 
 @pytest.mark.parametrize("granularity, mode", [("unstructured", "full"), ("unstructured", "linear"),

@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
@@ -249,4 +250,4 @@ def sparse_sp_t(model: nn.Module, data: TransferData, config: SparseTransferConf
     stages = (*[s for s in probe_result.stages if s.name == "probe"], pruned, target)
     result = RecipeResult(recipe=f"SP->T/{config.granularity}", stages=tuple(stages),
                           base_macs=probe_result.base_macs, config=config.to_dict())
-    return model, result
+    return model.to(memory_format=torch.contiguous_format), result  # as the other recipes return theirs
