@@ -47,7 +47,8 @@ def _attention(module: nn.MultiheadAttention) -> None:
                              module.v_proj_weight.shape[1])
     width = module.out_proj.weight.shape[1]  # num_heads * head_dim: the heads that are left
     if width % module.head_dim:
-        raise ValueError(f"{type(module).__name__}: {width} attention channels are not whole heads of {module.head_dim}")
+        raise ValueError(f"{type(module).__name__}: {width} attention channels are not whole heads "
+                         f"of {module.head_dim}")
     module.embed_dim, module.kdim, module.vdim, module.num_heads = embed, kdim, vdim, width // module.head_dim
 
 

@@ -101,7 +101,8 @@ def test_transposed_conv_prunes_inputs_and_outputs_exactly(dim: int, groups: int
     assert up.weight.shape[0] == up.in_channels == pruned.enc.out_channels < 8
     assert up.out_channels == up.weight.shape[1] * up.groups == pruned.mid.in_channels < 12
     # few wide groups keep their number (and narrow); many small ones are removed whole
-    assert (up.groups == groups) if groups < 8 // groups else (up.groups < groups and up.weight.shape[1] == 12 // groups)
+    whole_groups = groups >= 8 // groups
+    assert (up.groups < groups and up.weight.shape[1] == 12 // groups) if whole_groups else up.groups == groups
     assert up.output_padding == (1,) * dim
     assert_ratio_zero_is_identity(net, (x,))
 

@@ -48,7 +48,9 @@ GATES = {"torch.lstm": 4, "torch.gru": 3, "torch.rnn_tanh": 1, "torch.rnn_relu":
 def _layout(call: Call) -> tuple[bool, int]:
     """Whether the sequence is packed, and the position of the weight list."""
     hx_or_sizes = call.args[1]
-    packed = isinstance(hx_or_sizes, torch.Tensor) and (call.name == "torch.lstm" or isinstance(call.args[2], torch.Tensor))
+    # packed: (data, batch_sizes, hx, weights, ...); an LSTM's hx is a list, a GRU's a tensor
+    packed = isinstance(hx_or_sizes, torch.Tensor) and (
+        call.name == "torch.lstm" or isinstance(call.args[2], torch.Tensor))
     return packed, 3 if packed else 2
 
 
