@@ -40,7 +40,7 @@ from ..measurement import count_macs, count_params
 from ..sparsity import (GradualPruner, GradualSchedule, check_reduction, effective_macs, kernel_convs_from_masks_,
                         kernel_masks_to_flops_, make_permanent_, maskable_modules, overall_sparsity,
                         unstructured_to_flops_)
-from ..sparsity.budget import _global_sparsity_for
+from ..sparsity.budget import global_sparsity_for_macs
 from .config import HEAD_INITS, FinetuneConfig, PruneConfig, RunConfig, TransferConfig
 from .data import TransferData
 from .device import Placement
@@ -149,7 +149,7 @@ def _prune(model: nn.Module, data: TransferData, config: SparseTransferConfig, p
     if config.granularity == "kernel":
         _, budget = kernel_masks_to_flops_(model, example, config.flops_reduction, signal=config.signal,
                                            ignore=ignore, seed=config.run.seed)
-        details.update(keep_ratio=budget.setting, effective_macs=budget.macs_after,
+        details.update(keep_ratio=1.0 - budget.weight_sparsity, effective_macs=budget.macs_after,
                        flops_reduction=budget.flops_reduction,
                        sparsity=overall_sparsity(maskable_modules(model, ignore)))
         return details, None
@@ -171,7 +171,7 @@ def _prune(model: nn.Module, data: TransferData, config: SparseTransferConfig, p
         raise InvalidArgumentError(f"the maskable layers hold {maskable / count.macs:.3f} of the MACs, not more than "
                                    f"flops_reduction={config.flops_reduction}")
     final = (wanted / maskable if config.scope == "local"
-             else _global_sparsity_for(modules, count.macs_by_module, wanted))
+             else global_sparsity_for_macs(modules, count.macs_by_module, wanted))
     loader_batches = len(data.train)
     steps = stage_steps(config.target, loader_batches)
     schedule = GradualSchedule(final_sparsity=final, end_step=max(1, round(config.gradual_end_fraction * steps)),

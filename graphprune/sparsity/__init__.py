@@ -20,8 +20,8 @@ Example:
     ['conv1', 'layer1.0.conv1']
 """
 
-from .budget import (BudgetResult, check_reduction, kernel_masks_to_flops_, kernel_prune_to_flops_,
-                     unstructured_to_flops_)
+from .budget import (BudgetResult, check_reduction, global_sparsity_for_macs, kernel_masks_to_flops_,
+                     kernel_prune_to_flops_, unstructured_to_flops_)
 from .gradual import GradualPruner, GradualSchedule
 from .kernel_conv import KernelConv2d, check_index, check_kernels_per_output
 from .kernel_masks import kernel_convs_from_masks_, kernel_mask_index, kernel_masks_
@@ -37,7 +37,8 @@ __all__ = [
     "BudgetResult", "GradualPruner", "GradualSchedule", "KERNEL_PLAN_FORMAT", "KernelLayer", "KernelPlan",
     "MASKABLE_TYPES", "NMMagnitude", "SCOPES", "SIGNALS", "SparsityReport", "apply_kernel_plan_", "check_index",
     "check_kernels_per_output", "check_nm", "check_reduction", "check_sparsity", "dense_convs", "effective_macs",
-    "effective_weight", "grow_masks_", "install_masks_", "is_kernel_plan", "is_masked", "is_nm",
+    "effective_weight", "global_sparsity_for_macs", "grow_masks_", "install_masks_", "is_kernel_plan", "is_masked",
+    "is_nm",
     "kernel_convs_from_masks_", "kernel_counts", "kernel_indices", "kernel_mask_index", "kernel_masks_",
     "kernel_masks_to_flops_", "kernel_prune_", "kernel_prune_to_flops_", "kernel_scores", "magnitude_masks_",
     "make_permanent_", "maskable_modules", "masked_modules", "module_sparsity", "nm_masks_", "overall_sparsity",

@@ -42,7 +42,8 @@ class BudgetResult:
         flops_reduction: the fraction measured (effective MACs for unstructured).
         macs_before: MACs of the model before.
         macs_after: MACs after (kernel: what fvcore counts; unstructured: nonzero-weight MACs).
-        setting: the kernel keep ratio, or the unstructured sparsity over the masked weights.
+        weight_sparsity: the fraction of the pruned layers' weights that are zero by the pruning
+            (kernel: ``1 -`` the fraction of kernels kept).
     """
 
     granularity: str
@@ -50,7 +51,7 @@ class BudgetResult:
     flops_reduction: float
     macs_before: int
     macs_after: int
-    setting: float
+    weight_sparsity: float
 
 
 def check_reduction(value: float) -> float:
@@ -108,7 +109,7 @@ def kernel_prune_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
                            ignore: Iterable[str] | None = None, seed: int = 0) -> tuple[KernelPlan, BudgetResult]:
     """Kernel-prune every dense conv, about one keep ratio for all, so that ``flops_reduction`` of the MACs go.
 
-    ``BudgetResult.setting`` is the fraction of the dense convs' kernels kept.
+    ``BudgetResult.weight_sparsity`` is the fraction of the dense convs' kernels removed.
 
     Raises:
         InvalidArgumentError: the dense convs hold fewer MACs than the budget asks for.
@@ -134,7 +135,7 @@ def kernel_prune_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
     plan = kernel_prune_(model, counts, signal=signal, seed=seed)
     after = count_macs(model, example_inputs)
     kept = sum(counts[n] * layers[n][2] for n in counts) / sum(cin * cout for _, cin, cout in layers.values())
-    return plan, BudgetResult("kernel", target, 1.0 - after / count.macs, count.macs, after, kept)
+    return plan, BudgetResult("kernel", target, 1.0 - after / count.macs, count.macs, after, 1.0 - kept)
 
 
 def kernel_masks_to_flops_(model: nn.Module, example_inputs, flops_reduction: float, *, signal: str = "magnitude",
@@ -167,11 +168,21 @@ def kernel_masks_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
     counts = kernel_masks_(model, _kernel_counts(layers, wanted), signal=signal, seed=seed)
     after = effective_macs(model, example_inputs, {name: convs[name] for name in counts})
     kept = sum(counts[n] * layers[n][2] for n in counts) / sum(cin * cout for _, cin, cout in layers.values())
-    return counts, BudgetResult("kernel", target, 1.0 - after / count.macs, count.macs, after, kept)
+    return counts, BudgetResult("kernel", target, 1.0 - after / count.macs, count.macs, after, 1.0 - kept)
 
 
-def _global_sparsity_for(modules: dict[str, nn.Module], macs_by_module, wanted: float) -> float:
-    """Sparsity of one |w| ranking over ``modules`` whose masked weights' MACs first reach ``wanted``."""
+def global_sparsity_for_macs(modules: dict[str, nn.Module], macs_by_module: dict[str, int], wanted_macs: float
+                             ) -> float:
+    """Sparsity of one ``|w|`` ranking over ``modules`` whose masked weights' MACs first reach ``wanted_macs``.
+
+    Each weight of a layer costs the layer's MACs divided by its weight count.
+
+    Example:
+        >>> layers = {"a": nn.Linear(10, 10), "b": nn.Linear(10, 10)}
+        >>> global_sparsity_for_macs(layers, {"a": 100, "b": 1000}, 250.0) <= 0.5
+        True
+    """
+    wanted = wanted_macs
     magnitudes, costs = [], []
     for name, module in modules.items():
         weight = effective_weight(module).abs().flatten().double().cpu()
@@ -216,7 +227,7 @@ def unstructured_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
     if scope == "local":
         sparsity = wanted / maskable
     else:
-        sparsity = _global_sparsity_for(modules, count.macs_by_module, wanted)
+        sparsity = global_sparsity_for_macs(modules, count.macs_by_module, wanted)
     report = magnitude_masks_(model, sparsity, scope=scope, signal=signal, modules=list(modules), seed=seed)
     after = effective_macs(model, example_inputs, modules)
     return report, BudgetResult("unstructured", target, 1.0 - after / count.macs, count.macs, after, report.sparsity)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from .unstructured import (SIGNALS, SCOPES, SparsityReport, _check_choice, check_sparsity, grow_masks_,
+from .unstructured import (SCOPES, SIGNALS, SparsityReport, _check_choice, _seeded, check_sparsity, grow_masks_,
                            install_masks_)
 from .weights import module_sparsity, overall_sparsity, resolve_modules
 
@@ -111,11 +111,8 @@ class GradualPruner:
         self._grow(schedule.sparsity_at(0))
 
     def _grow(self, sparsity: float) -> None:
-        if self.signal == "random":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self._generator_seed + self.steps)
-                grow_masks_(self.modules, sparsity, scope=self.schedule.scope, signal=self.signal)
-        else:
+        seed = self._generator_seed + self.steps if self.signal == "random" else None  # a fresh draw per update
+        with _seeded(seed):
             grow_masks_(self.modules, sparsity, scope=self.schedule.scope, signal=self.signal)
 
     def step(self) -> float:

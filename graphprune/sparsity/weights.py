@@ -111,7 +111,11 @@ def module_sparsity(modules: dict[str, nn.Module]) -> dict[str, float]:
         >>> module_sparsity({"l": layer})
         {'l': 0.25}
     """
-    return {name: float((effective_weight(m) == 0).sum()) / effective_weight(m).numel() for name, m in modules.items()}
+    sparsity = {}
+    for name, module in modules.items():
+        weight = effective_weight(module)
+        sparsity[name] = float((weight == 0).sum()) / weight.numel()
+    return sparsity
 
 
 def overall_sparsity(modules: dict[str, nn.Module]) -> float:
