@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
+import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -51,12 +54,29 @@ def _prune_(model: nn.Module, example_inputs: ExampleInputs, *, ratio: float | N
     scores = score_fn(groups, model, **options)
     if ratio is not None:
         plan = make_plan(groups, scores, ratio=ratio, config=config)
-        applied, _ = apply_verified_(model, groups, plan, examples)
+        applied, dropped = apply_verified_(model, groups, plan, examples)
+        _warn_dropped(groups, dropped)
     else:  # verified and measured on a trial copy
         applied = _plan_for_flops(model, groups, scores, examples, flops_reduction, config)
         apply_plan_(model, applied)
     record_plan(model, applied)
     return model
+
+
+def _warn_dropped(groups: Groups, dropped: Mapping[int, str]) -> None:
+    """Say which groups the verification left whole, and why (the pruned model failed without them)."""
+    if dropped:
+        lines = [f"group {gid} ({groups.by_id(gid).name}): {error}" for gid, error in dropped.items()]
+        warnings.warn(f"{len(dropped)} groups left unpruned, since removing them breaks the model: " + "; ".join(lines),
+                      stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside graphprune: warnings point at the user's call."""
+    package, level, frame = os.path.dirname(__file__), 2, sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _config(config: PlanConfig | None, round_to: int | None) -> PlanConfig:

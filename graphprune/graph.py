@@ -47,9 +47,10 @@ class TracedOutput:
         structure: the output's ``torch.utils._pytree`` structure (a ``TreeSpec``).
         shapes: shape of every output tensor, in :func:`~graphprune.rules.context.flat_tensors` order.
         infos: element info of every output tensor (channel dims are frozen).
-        data_sized: per output tensor, whether an op whose output size follows the data
-            (``nonzero``, a boolean mask, ``nms``, ...) ran upstream of it: its channel-free
-            dims may differ after pruning (detection boxes) without anything being wrong.
+        data_sized: per output tensor, whether its leading dim follows the data: an op whose
+            output size does (``nonzero``, a boolean mask, ``nms``, ...) ran upstream of it, or
+            its leading dim is channel-free and such an op ran in the same forward. That dim
+            may differ after pruning (a detector's box count) without anything being wrong.
     """
 
     structure: Any

@@ -154,6 +154,7 @@ class _Recorder(TorchFunctionMode):
         self._ints: dict[str, tuple[tuple[str, object], ...]] = {}
         self._attributes: dict[str, set[int]] = {}
         self.data_sized: set[int] = set()  # ids of tensors whose size follows the data
+        self.data_sized_calls = 0  # calls whose output size followed the data, so far
 
     def module_ints(self, name: str) -> tuple[tuple[str, object], ...]:
         found = self._ints.get(name)
@@ -204,7 +205,10 @@ class _Recorder(TorchFunctionMode):
                 rule = None
         for o, info in zip(outputs, infos):
             self.ctx.set_info(o, info)
-        if _sizes_follow_data(name, args, inputs) or any(id(t) in self.data_sized for t in inputs):
+        if _sizes_follow_data(name, args, inputs):
+            self.data_sized_calls += 1
+            self.data_sized.update(id(o) for o in outputs)
+        elif any(id(t) in self.data_sized for t in inputs):
             self.data_sized.update(id(o) for o in outputs)
         self._record(call, inputs, outputs, infos, rule is not None)
         return out
@@ -322,20 +326,22 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
     stack = [""]
     recorder = _Recorder(ctx, stack)
     recorder.modules = dict(model.named_modules())
-    outs = []
+    outs, data_sized = [], []  # per example: the output, and whether an op's output size followed the data
     with paused_gc(), preserved_state(model), _module_stack(recorder.modules, stack, ctx), torch.no_grad():
         model.eval()
         for number, args in enumerate(examples, start=1):
             try:
+                calls = recorder.data_sized_calls
                 with recorder:
                     outs.append(model(*args))
+                data_sized.append(recorder.data_sized_calls > calls)
             except Exception as error:  # the model's own failure, reported with its cause
                 which = f" on example input {number} of {len(examples)}" if len(examples) > 1 else ""
                 raise UnsupportedModelError(
                     f"tracing {type(model).__name__} failed while running its forward pass{which}: "
                     f"{type(error).__name__}: {error}") from error
     with paused_gc():
-        return _finish(recorder, ctx, store, outs, model)
+        return _finish(recorder, ctx, store, list(zip(outs, data_sized)), model)
 
 
 def _untraced(model: nn.Module, used: dict) -> tuple[str, ...]:
@@ -343,12 +349,18 @@ def _untraced(model: nn.Module, used: dict) -> tuple[str, ...]:
     return tuple(name for name, p in model.named_parameters() if p.is_floating_point() and name not in used)
 
 
+def _leading_dim_follows_data(recorder: _Recorder, tensor: torch.Tensor, info: TensorInfo, run_saw: bool) -> bool:
+    """A tensor downstream of an op whose output size follows the data, or one whose leading dim is
+    channel-free in a forward that ran such an op (a size the forward computed in Python from it)."""
+    return tensor.dim() > 0 and (id(tensor) in recorder.data_sized or (run_saw and info.dims[0] is None))
+
+
 def _finish(recorder: _Recorder, ctx: Context, store: ElementStore, outs: list, model: nn.Module) -> TraceGraph:
     from torch.utils._pytree import tree_structure
 
     store.current = "model output"
     outputs = []
-    for out in outs:
+    for out, run_saw in outs:
         tensors = flat_tensors(out)
         infos = tuple(ctx.info(o) for o in tensors)
         for info in infos:
@@ -356,7 +368,8 @@ def _finish(recorder: _Recorder, ctx: Context, store: ElementStore, outs: list, 
                 if d is not None:
                     store.freeze(d)
         outputs.append(TracedOutput(tree_structure(out), tuple(tuple(o.shape) for o in tensors), infos,
-                                    tuple(id(o) in recorder.data_sized for o in tensors)))
+                                    tuple(_leading_dim_follows_data(recorder, o, i, run_saw)
+                                          for o, i in zip(tensors, infos))))
     classes = store.resolve()
     return TraceGraph(recorder.graph(), tuple(recorder.ops), store, classes, store.frozen_classes(classes),
                       dict(ctx.state_infos), recorder.unsupported, tuple(i for o in outputs for i in o.infos),

@@ -1,9 +1,16 @@
 """Verification: a pruned model must still run on every example input and give outputs
 of the structure the trace recorded; what the example inputs never reached is refused.
 
+What "the same outputs" means: the same pytree structure, the same number of tensors, each
+of the same rank and of the same size in every dim, except the leading dim of a tensor the
+trace found to follow the data (:attr:`graphprune.graph.TracedOutput.data_sized`: an op whose
+output size follows the values, ``nonzero``, a boolean mask, ``nms``, ran before it), as in
+detection heads, whose box count changes with any change of weights.
+
 :func:`apply_verified_` is what :func:`graphprune.prune` applies a plan with. A group whose
 removal breaks the model (its size is also computed where the graph cannot see it: a
-literal in the forward code) is dropped from the plan and reported, the rest is kept.
+literal in the forward code, an index kept in a buffer) is found by bisection over the
+plan's groups, dropped and reported; the rest is kept.
 """
 
 from __future__ import annotations
@@ -11,11 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ._runtime import sorted_unique
 from .errors import InvalidArgumentError, PruneError, UntracedCodeError
 from .graph import TracedOutput, TraceGraph
 from .groups import Groups
@@ -76,12 +81,21 @@ def _describe(out: Any) -> tuple[Any, list[tuple[int, ...]]]:
 
 
 def _compare(traced: TracedOutput, out: Any) -> str | None:
-    """None if ``out`` has the traced structure and shapes, else what differs."""
+    """None if ``out`` matches the traced output (see the module docstring), else what differs."""
     structure, shapes = _describe(out)
     if structure != traced.structure:
         return f"the output structure changed from {traced.structure} to {structure}"
-    if tuple(shapes) != traced.shapes:
-        return f"output shapes changed from {list(traced.shapes)} to {shapes}"
+    if len(shapes) != len(traced.shapes):
+        return f"the model returned {len(shapes)} tensors instead of {len(traced.shapes)}"
+    for number, (old, new, info, data_sized) in enumerate(zip(traced.shapes, shapes, traced.infos,
+                                                              traced.data_sized)):
+        if len(old) != len(new):
+            return f"output tensor {number} has {len(new)} dims instead of {len(old)}"
+        for dim, (a, b, elems) in enumerate(zip(old, new, info.dims)):
+            if a != b and (dim > 0 or not data_sized):
+                kind = "channel" if elems is not None else "channel-free"
+                return (f"output shapes changed from {list(traced.shapes)} to {shapes} (tensor {number}, {kind} "
+                        f"dim {dim}: {a} -> {b})")
     return None
 
 
@@ -95,7 +109,7 @@ def check_outputs(model: nn.Module, examples: Examples, expected: tuple[TracedOu
         >>> print(check_outputs(net, (x,), gp.trace(net, x).outputs))
         None
         >>> check_outputs(torch.nn.Linear(4, 3), (x,), gp.trace(net, x).outputs)
-        'output shapes changed from [(1, 2)] to [(1, 3)]'
+        'output shapes changed from [(1, 2)] to [(1, 3)] (tensor 0, channel dim 1: 2 -> 3)'
     """
     examples = as_example_list(examples)
     if len(examples) != len(expected):
@@ -114,30 +128,12 @@ def check_outputs(model: nn.Module, examples: Examples, expected: tuple[TracedOu
     return None
 
 
-def _suspects(groups: Groups, plan: Plan) -> list[int]:
-    """Groups whose sizes appear as integer arguments of traced ops (reshape targets, split sizes)."""
-    graph = groups.graph
-    owner = np.full(graph.frozen.size, -1, dtype=np.int64)
-    for g in groups.all:
-        owner[g.classes] = g.id
-    found: set[int] = set()
-    for op in graph.ops:
-        if not op.int_args:
-            continue
-        for info in op.out_infos:
-            for elems in info.dims:
-                if elems is not None and elems.size in op.int_args:
-                    ids = owner[graph.classes[elems[elems >= 0]]]
-                    found.update(int(i) for i in sorted_unique(ids) if i >= 0)
-    return sorted(found & set(plan.removed))
-
-
 def apply_verified_(model: nn.Module, groups: Groups, plan: Plan, args: Examples) -> tuple[Plan, dict[int, str]]:
     """Apply ``plan`` and check the pruned model still runs on every example; drop groups that break it.
 
-    If the full plan fails, each suspect group (one whose size is an integer argument of a
-    traced op) is tried alone on the model and undone; the plan is rebuilt without the
-    failing ones and applied once more.
+    If the full plan fails, its groups are bisected: a half that runs (with the groups
+    already accepted) is kept, a half that fails is split again, down to the single groups
+    that fail; only those are dropped. Each trial is undone before the next.
 
     Args:
         model: pruned in place.
@@ -150,7 +146,8 @@ def apply_verified_(model: nn.Module, groups: Groups, plan: Plan, args: Examples
         The plan actually applied, and ``{group_id: error}`` for the groups left unpruned.
 
     Raises:
-        PruneError: if the model still does not run; it is left unchanged.
+        PruneError: if no group can be removed without breaking the model (with the full
+            plan's error); the model is left unchanged.
 
     Example:
         >>> import torch, graphprune as gp
@@ -161,22 +158,34 @@ def apply_verified_(model: nn.Module, groups: Groups, plan: Plan, args: Examples
         (6, {})
     """
     expected = groups.graph.outputs
+    error = _try_apply(model, plan, args, expected, keep=True)
+    if error is None:
+        return plan, {}
+    accepted: dict[int, tuple[int, ...]] = {}
     failing: dict[int, str] = {}
-    for attempt in range(2):
-        error = _try_apply(model, plan, args, expected, keep=True)
-        if error is None:
-            return plan, failing
-        if attempt == 1:
-            break
-        for gid in _suspects(groups, plan):
-            alone = make_plan(groups, removed={gid: plan.removed[gid]})
-            alone_error = _try_apply(model, alone, args, expected, keep=False)
-            if alone_error is not None:
-                failing[gid] = alone_error
-        if not failing:
-            break
-        plan = make_plan(groups, removed={k: v for k, v in plan.removed.items() if k not in failing})
+    ids = sorted(plan.removed)
+    if len(ids) > 1:
+        _bisect(model, groups, plan, args, ids[:len(ids) // 2], accepted, failing)
+        _bisect(model, groups, plan, args, ids[len(ids) // 2:], accepted, failing)
+    if accepted:
+        kept = make_plan(groups, removed=accepted)
+        if _try_apply(model, kept, args, expected, keep=True) is None:
+            return kept, failing
     raise PruneError(f"the pruned model does not run ({error}); the model was left unchanged")
+
+
+def _bisect(model: nn.Module, groups: Groups, plan: Plan, args: Examples, ids: list[int],
+            accepted: dict[int, tuple[int, ...]], failing: dict[int, str]) -> None:
+    """Accept the groups ``ids`` if the model runs with them and those already accepted; else halve."""
+    trial = {**accepted, **{gid: plan.removed[gid] for gid in ids}}
+    error = _try_apply(model, make_plan(groups, removed=trial), args, groups.graph.outputs, keep=False)
+    if error is None:
+        accepted.update((gid, plan.removed[gid]) for gid in ids)
+    elif len(ids) == 1:
+        failing[ids[0]] = error
+    else:
+        _bisect(model, groups, plan, args, ids[:len(ids) // 2], accepted, failing)
+        _bisect(model, groups, plan, args, ids[len(ids) // 2:], accepted, failing)
 
 
 def _try_apply(model: nn.Module, plan: Plan, args: Examples, expected, *, keep: bool) -> str | None:
