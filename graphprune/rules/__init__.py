@@ -22,22 +22,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .context import Call, Context
+from .names import register_in
 
 Rule = Callable[[Context, Call], list]
 RULES: dict[str, Rule] = {}
 
 
 def register_rule(*names: str) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for the torch functions named ``names`` (as ``torch.overrides.resolve_name`` gives them)."""
+    """Register ``rule`` for the torch functions named ``names`` (as ``torch.overrides.resolve_name`` gives them).
 
-    def wrap(rule: Rule) -> Rule:
-        for name in dict.fromkeys(names):
-            if name in RULES:
-                raise ValueError(f"a coupling rule for {name!r} is already registered")
-            RULES[name] = rule
-        return rule
-
-    return wrap
+    Raises:
+        ValueError: a name has a rule already (none of ``names`` is registered then).
+    """
+    return register_in(RULES, names, "coupling rule")
 
 
 # rule modules register themselves on import

@@ -18,8 +18,8 @@ UNARY = [
     "abs", "neg", "exp", "log", "sqrt", "rsqrt", "square", "reciprocal", "sign", "erf", "sin", "cos",
     "clamp", "clamp_min", "clamp_max", "clip", "float", "half", "double", "bfloat16", "to", "type",
     "type_as", "contiguous", "clone", "detach", "softmax", "log_softmax", "cumsum", "nan_to_num",
-    "requires_grad_", "pow", "round", "floor", "ceil", "trunc", "frac", "sigmoid_", "hardswish_",
-    "exp_", "sqrt_", "norm_except_dim", "zeros_like",
+    "requires_grad_", "pow", "round", "floor", "ceil", "trunc", "frac", "sigmoid_", "exp_", "sqrt_",
+    "norm_except_dim", "zeros_like",
 ]
 
 NARY = ["add", "sub", "mul", "div", "true_divide", "floor_divide", "maximum", "minimum", "where",
@@ -60,4 +60,4 @@ def _nary(ctx: Context, call: Call) -> list[TensorInfo]:
 
 
 register_rule(*spellings(*UNARY, functional=True))(_unary)
-register_rule(*[n for n in spellings(*NARY, functional=True) if n not in spellings(*UNARY, functional=True)])(_nary)
+register_rule(*spellings(*NARY, functional=True))(_nary)

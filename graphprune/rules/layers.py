@@ -83,15 +83,36 @@ def _affine(ctx: Context, x_dim: np.ndarray | None, size: int, vectors: list) ->
     return merge_dims(ctx.store, column, size)
 
 
-@register_rule("torch.nn.functional.batch_norm", "torch.batch_norm", "torch.nn.functional.instance_norm",
-               "torch.instance_norm")
-def _batch_norm(ctx: Context, call: Call) -> list[TensorInfo]:
+def _norm_channels(ctx: Context, call: Call) -> list:
+    """A batch / instance norm's input dims, dim 1 coupled with its four vectors (in either order)."""
     x = call.args[0]
-    names = ["running_mean", "running_var", "weight", "bias"]  # the four vectors, in either order
+    names = ["running_mean", "running_var", "weight", "bias"]
     vectors = [call.arg(1 + i, n) for i, n in enumerate(names)]
     dims = list(ctx.info(x).dims)
     dims[1] = _affine(ctx, dims[1], x.shape[1], vectors)
-    if "batch_norm" in call.name and _batch_statistics(call):
+    return dims
+
+
+@register_rule("torch.nn.functional.instance_norm", "torch.instance_norm")
+def _instance_norm(ctx: Context, call: Call) -> list[TensorInfo]:
+    return [TensorInfo(tuple(_norm_channels(ctx, call)))]
+
+
+@register_rule("torch.nn.functional.batch_norm")
+def _batch_norm(ctx: Context, call: Call) -> list[TensorInfo]:
+    """``F.batch_norm(input, running_mean, running_var, weight, bias, training, ...)``."""
+    return _batch_norm_dims(ctx, call, bool(call.arg(5, "training", False)) or call.arg(1, "running_mean") is None)
+
+
+@register_rule("torch.batch_norm")
+def _aten_batch_norm(ctx: Context, call: Call) -> list[TensorInfo]:
+    """``torch.batch_norm(input, weight, bias, running_mean, running_var, training, ...)``."""
+    return _batch_norm_dims(ctx, call, bool(call.arg(5, "training", False)) or call.arg(3, "running_mean") is None)
+
+
+def _batch_norm_dims(ctx: Context, call: Call, batch_statistics: bool) -> list[TensorInfo]:
+    dims = _norm_channels(ctx, call)
+    if batch_statistics:  # training mode or no running stats: normalized with the input's statistics
         # the mean and variance are taken over every dim but 1: in weight standardization
         # (timm's StdConv2d / ScaledStdConv2d: batch_norm of weight.reshape(1, C_out, -1)) that
         # is each filter's fan-in, so removing an input channel re-standardizes the filter
@@ -99,13 +120,6 @@ def _batch_norm(ctx: Context, call: Call) -> list[TensorInfo]:
             if d != 1:
                 ctx.store.mark_statistic(elems)
     return [TensorInfo(tuple(dims))]
-
-
-def _batch_statistics(call: Call) -> bool:
-    """Whether a batch norm normalizes with the statistics of its input (training mode or no running stats)."""
-    if call.name == "torch.batch_norm":
-        return bool(call.arg(5, "training", False)) or call.arg(3, "running_mean") is None
-    return bool(call.arg(5, "training", False)) or call.arg(1, "running_mean") is None
 
 
 @register_rule("torch.nn.functional.layer_norm", "torch.layer_norm", "torch.nn.functional.rms_norm",
@@ -134,13 +148,12 @@ def _group_norm(ctx: Context, call: Call) -> list[TensorInfo]:
     dims = list(ctx.info(x).dims)
     channel = _affine(ctx, dims[1], x.shape[1], [weight, bias])
     per_group = x.shape[1] // groups
-    if channel is not None and groups > 1:
+    if channel is not None and groups > 1 and per_group > 1:
+        # remove local index j from every group, keeping num_groups (with one channel per group,
+        # removing the channel removes its group)
         local = channel.reshape(groups, per_group)
-        if per_group == 1:  # one channel per group: removing it removes the group
-            pass
-        else:  # remove local index j from every group, keeping num_groups
-            for k in range(1, groups):
-                ctx.store.union(local[0], local[k])
+        for k in range(1, groups):
+            ctx.store.union(local[0], local[k])
     dims[1] = channel
     ctx.store.mark_statistic(channel)
     return [TensorInfo(tuple(dims))]

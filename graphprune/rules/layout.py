@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .context import Call, Context
-from .names import spellings
+from .names import register_in, spellings
 from ..elements import TensorInfo
 
 Shortcut = Callable[[Context, Call], "list[TensorInfo] | None"]
@@ -20,11 +20,7 @@ SHORTCUTS: dict[str, Shortcut] = {}
 
 
 def _shortcut(*names: str) -> Callable[[Shortcut], Shortcut]:
-    def wrap(fn: Shortcut) -> Shortcut:
-        for name in names:
-            SHORTCUTS[name] = fn
-        return fn
-    return wrap
+    return register_in(SHORTCUTS, names, "layout shortcut")
 
 
 def _dims_arg(call: Call) -> list[int]:
@@ -55,16 +51,23 @@ def _transpose(ctx: Context, call: Call) -> list[TensorInfo] | None:
     return [TensorInfo(tuple(dims))]
 
 
-@_shortcut(*spellings("t"), "torch.Tensor.T.__get__", "torch.Tensor.mT.__get__")
-def _t(ctx: Context, call: Call) -> list[TensorInfo] | None:
-    x = call.args[0]
+def _swap_last_two(ctx: Context, x) -> list[TensorInfo]:
     dims = list(ctx.info(x).dims)
-    if x.dim() < 2:
-        return [TensorInfo(tuple(dims))]
-    if call.name.endswith("mT.__get__") or x.dim() == 2:
+    if x.dim() >= 2:
         dims[-1], dims[-2] = dims[-2], dims[-1]
-        return [TensorInfo(tuple(dims))]
-    return None
+    return [TensorInfo(tuple(dims))]
+
+
+@_shortcut(*spellings("t"), "torch.Tensor.T.__get__")
+def _t(ctx: Context, call: Call) -> list[TensorInfo] | None:
+    """``t()`` / ``.T``: a 2-d transpose; ``.T`` of more dims reverses them all (left to the replay)."""
+    x = call.args[0]
+    return _swap_last_two(ctx, x) if x.dim() <= 2 else None
+
+
+@_shortcut("torch.Tensor.mT.__get__")
+def _mt(ctx: Context, call: Call) -> list[TensorInfo]:
+    return _swap_last_two(ctx, call.args[0])
 
 
 def _drop_size_one(ctx: Context, x, out) -> list[TensorInfo] | None:

@@ -31,6 +31,7 @@ from ..elements import TensorInfo
 UNDEFINED = -2
 _BIG = 2**62
 
+PADS = ("torch.nn.functional.pad", "torch._C._nn.pad")
 SEQUENCE_OPS = set(spellings("cat", "concat", "concatenate", "stack", "hstack", "vstack"))
 EQUAL_SPLITS = set(spellings("chunk"))
 SPLITS = set(spellings("split", "split_with_sizes", "tensor_split")) | {"torch.functional.split"}
@@ -42,8 +43,7 @@ MOVEMENT = spellings(
     "roll", "flip", "index_select", "gather", "take_along_dim", "repeat_interleave", "unfold",
     "tile", "broadcast_to",  # pixel and channel shuffles move channels in blocks: rules/shuffle.py
     functional=True,
-) + ["torch.nn.functional.pad", "torch._C._nn.pad", "torch.Tensor.T.__get__", "torch.Tensor.mT.__get__",
-   "torch.functional.split"]
+) + ["torch.Tensor.T.__get__", "torch.Tensor.mT.__get__", "torch.functional.split", *PADS]
 
 
 def _data_tensors(call: Call) -> list[torch.Tensor]:
@@ -63,7 +63,7 @@ def _replay(call: Call, positions: list[torch.Tensor]) -> list[torch.Tensor]:
             kwargs[next(iter(kwargs))] = positions
     else:
         args[0] = positions[0]
-    if call.name.endswith(".pad") and call.arg(2, "mode", "constant") == "constant":
+    if call.name in PADS and call.arg(2, "mode", "constant") == "constant":
         kwargs["value"] = -1.0
         args = args[:3]
     return flat_tensors(call.func(*args, **kwargs))

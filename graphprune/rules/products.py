@@ -55,12 +55,23 @@ def _alphabet(n: int, start: int = 0) -> str:
     return "".join(chr(ord("a") + start + i) for i in range(n))
 
 
-@register_rule(*spellings("matmul", "bmm", "mm"), "torch.Tensor.__matmul__", "torch.Tensor.__rmatmul__")
+RMATMUL = "torch.Tensor.__rmatmul__"  # b.__rmatmul__(a), for a @ b when a does not handle it
+
+
+@register_rule(*[name for name in spellings("matmul", "bmm", "mm") if name != RMATMUL])
 def _matmul(ctx: Context, call: Call) -> list[TensorInfo]:
     a, b = call.tensor_args[:2]
-    if call.name.endswith("__rmatmul__"):
-        a, b = b, a
-    out = call.outputs[0]
+    return _product(ctx, a, b, call.outputs[0])
+
+
+@register_rule(RMATMUL)
+def _rmatmul(ctx: Context, call: Call) -> list[TensorInfo]:
+    b, a = call.tensor_args[:2]  # b.__rmatmul__(a) is a @ b
+    return _product(ctx, a, b, call.outputs[0])
+
+
+def _product(ctx: Context, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> list[TensorInfo]:
+    """``a @ b`` with broadcast batch dims."""
     if a.dim() < 2 or b.dim() < 2:
         ctx.freeze_all([a, b])
         return [TensorInfo.free(out.dim())]

@@ -12,8 +12,10 @@ from .context import Call, Context
 from .names import spellings
 from ..elements import TensorInfo
 
-REDUCTIONS = spellings("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp",
-                       "prod", "nansum", "nanmean", "argmax", "argmin", "all", "any", "std_mean", "var_mean")
+# a reduction over fewer channels is not the same statistic: these mark the reduced dims
+STATISTICS = spellings("mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "nansum",
+                       "nanmean", "argmax", "argmin", "all", "any", "std_mean", "var_mean")
+SUMS = spellings("sum")  # a zeroed channel adds nothing to a sum
 
 SPATIAL = spellings(
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
@@ -33,14 +35,20 @@ def _reduced_dims(call: Call, ndim: int) -> list[int]:
     return [d % ndim for d in dims if isinstance(d, int)]
 
 
-@register_rule(*REDUCTIONS)
-def _reduction(ctx: Context, call: Call) -> list[TensorInfo]:
+@register_rule(*STATISTICS)
+def _statistic(ctx: Context, call: Call) -> list[TensorInfo]:
+    x = call.tensor_args[0]
+    info = ctx.info(x)
+    for d in _reduced_dims(call, x.dim()):
+        ctx.store.mark_statistic(info.dims[d])
+    return _sum(ctx, call)
+
+
+@register_rule(*SUMS)
+def _sum(ctx: Context, call: Call) -> list[TensorInfo]:
     x = call.tensor_args[0]
     info = ctx.info(x)
     reduced = set(_reduced_dims(call, x.dim()))
-    if not (call.name.endswith(".sum") or call.name.endswith(".sum_")):
-        for d in reduced:
-            ctx.store.mark_statistic(info.dims[d])
     infos = []
     for out in call.outputs:
         if out.dim() == x.dim():  # keepdim
