@@ -74,6 +74,22 @@ class Link:
     where: str = ""
 
 
+def _elements(ids: np.ndarray | None) -> np.ndarray:
+    """The element ids in ``ids`` (any shape, ``None`` for none), flat, slots left out."""
+    if ids is None:
+        return np.zeros(0, np.int64)
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    return ids[ids >= 0]
+
+
+def _mark(marks: list[np.ndarray], ids: np.ndarray | None) -> bool:
+    """Append the elements of ``ids`` to ``marks``; whether there were any."""
+    ids = _elements(ids)
+    if ids.size:
+        marks.append(ids)
+    return bool(ids.size)
+
+
 @dataclass
 class ElementStore:
     """Allocates element ids and records unions, freezes, links, head marks and parameter roles."""
@@ -113,10 +129,7 @@ class ElementStore:
 
     def union_all(self, ids: np.ndarray) -> None:
         """Couple every element of ``ids`` with every other."""
-        if ids is None:
-            return
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        ids = ids[ids >= 0]
+        ids = _elements(ids)
         if ids.size > 1:
             self._pairs_a.append(np.full(ids.size - 1, ids[0]))
             self._pairs_b.append(ids[1:])
@@ -132,24 +145,14 @@ class ElementStore:
         self._pairs_a.append(first[keep])
         self._pairs_b.append(rows[keep])
 
-    def freeze(self, ids: np.ndarray) -> None:
+    def freeze(self, ids: np.ndarray | None) -> None:
         """Mark elements as never removable."""
-        if ids is None:
-            return
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        ids = ids[ids >= 0]
-        if ids.size:
-            self._frozen.append(ids)
+        if _mark(self._frozen, ids):
             self._frozen_why.append(self.current)
 
-    def mark_heads(self, ids: np.ndarray) -> None:
+    def mark_heads(self, ids: np.ndarray | None) -> None:
         """Mark elements that index attention heads (batch dims of an attention product)."""
-        if ids is None:
-            return
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        ids = ids[ids >= 0]
-        if ids.size:
-            self._heads.append(ids)
+        _mark(self._heads, ids)
 
     def mark_statistic(self, ids: np.ndarray | None) -> None:
         """Mark elements of a dim that a statistic is taken over (layer norm, mean, softmax).
@@ -157,12 +160,7 @@ class ElementStore:
         Removing such a channel is structurally fine but changes the statistic, so pruning
         channels that were zeroed beforehand is not exactly output-preserving there.
         """
-        if ids is None:
-            return
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        ids = ids[ids >= 0]
-        if ids.size:
-            self._stats.append(ids)
+        _mark(self._stats, ids)
 
     def mark_role(self, ids: np.ndarray | None, role: str) -> None:
         """Record that the parameter dim ``ids`` produces (``"out"``) or consumes (``"in"``) its channels.
