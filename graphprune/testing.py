@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .groups import Groups
 from .plan import removal_count
 
@@ -32,7 +33,7 @@ def pick_channels(groups: Groups, ratio: float, *, seed: int = 0, exact_only: bo
     for group in groups:
         allowed = group.prunable & ~group.statistic if exact_only else group.prunable.copy()
         candidates = np.flatnonzero(allowed)
-        n = min(removal_count(ratio, group.size), candidates.size, group.size - 1)
+        n = min(removal_count(ratio, int(group.prunable.sum())), candidates.size, group.size - 1)
         if n <= 0:
             continue
         chosen = set(int(c) for c in rng.choice(candidates, size=n, replace=False))
@@ -75,6 +76,9 @@ def zero_branch_(model: nn.Module, block) -> None:
     (the last norm's affine, a layer-scale gamma or the output projection) are zeroed.
     Removing the block afterwards must leave the model's outputs unchanged.
 
+    Raises:
+        InvalidArgumentError: the block's ``end_module`` has no parameters of its own.
+
     Example:
         >>> import timm, torch
         >>> from graphprune.blocks import find_blocks
@@ -86,6 +90,6 @@ def zero_branch_(model: nn.Module, block) -> None:
     """
     params = list(model.get_submodule(block.end_module).parameters(recurse=False))
     if not params:
-        raise ValueError(f"{block.end_module} has no parameters of its own to zero")
+        raise InvalidArgumentError(f"{block.end_module} has no parameters of its own to zero")
     for p in params:
         p.zero_()
