@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -237,7 +238,7 @@ class PlanConfig:
         normalize: per-group score normalization before a global ranking: ``"none"`` (scores
             already comparable, e.g. ``target_taylor``), ``"mean"``, ``"max"``, ``"sum"`` or ``"l2"``.
         round_to: keep a multiple of this many channels per group (SIMD-friendly widths).
-        max_group_ratio: never remove more than this fraction of one group (``None``: no cap
+        max_group_ratio: never remove more than this fraction of one group's prunable channels (``None``: no cap
             beyond keeping at least one channel per group and per member).
     """
 
@@ -283,9 +284,10 @@ def _checked_scores(groups: Groups, scores: Mapping[int, torch.Tensor]) -> dict[
 
 def _cap(group: ChannelGroup, config: PlanConfig) -> int:
     """Most channels one group may lose."""
-    cap = min(int(group.prunable.sum()), group.size - 1)
+    prunable = int(group.prunable.sum())
+    cap = min(prunable, group.size - 1)
     if config.max_group_ratio is not None:
-        cap = min(cap, int(math.floor(config.max_group_ratio * group.size + 1e-9)))
+        cap = min(cap, int(math.floor(config.max_group_ratio * prunable + 1e-9)))
     if config.round_to > 1:
         cap = min(cap, group.size - config.round_to) if group.size > config.round_to else 0
     return max(cap, 0)
@@ -317,10 +319,15 @@ def _round(group: ChannelGroup, n: int, round_to: int) -> int:
 def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio: float,
                     config: PlanConfig | None = None, round_to: int | None = None,
                     exclude: frozenset[int] = frozenset()) -> dict[int, tuple[int, ...]]:
-    """Choose the lowest-scoring channels: ``ratio`` of each group (local) or of all channels (global).
+    """Choose the lowest-scoring channels: ``ratio`` of each group's prunable channels (local) or
+    of all prunable channels (global).
 
-    Frozen channels are never selected, no group or member is emptied, groups in
-    ``exclude`` are skipped.
+    Counts are taken on the prunable channels, not the group's size: a group whose channels are
+    mostly frozen (the zero-padded channels of an option-A shortcut) loses ``ratio`` of what it
+    can lose, not all of it. Frozen channels are never selected, no group or member is emptied,
+    groups in ``exclude`` are skipped. Within a group whose channels come from different
+    producers (a concatenation), scores are normalized per producer segment first (see
+    :func:`producer_segments`), unless ``config.normalize`` is ``"none"``.
 
     Example:
         >>> import torch, graphprune as gp
@@ -336,10 +343,11 @@ def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio
         config = PlanConfig(config.scope, config.normalize, round_to, config.max_group_ratio)
     checked = _checked_scores(groups, scores)
     active = [g for g in groups if g.id not in exclude]
+    checked = {g.id: _per_segment(g, checked[g.id], config.normalize) for g in active}
     counts: dict[int, int] = {}
     if config.scope == "local":
         for group in active:
-            n = _round(group, removal_count(ratio, group.size), config.round_to)
+            n = _round(group, removal_count(ratio, int(group.prunable.sum())), config.round_to)
             counts[group.id] = min(n, _cap(group, config))
     else:
         counts = _global_counts(active, checked, ratio, config)
@@ -357,6 +365,61 @@ def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio
     return removed
 
 
+def producer_segments(group: ChannelGroup) -> np.ndarray:
+    """For every channel of ``group``, the index of its producer segment: channels made by the
+    same set of producing (``"out"``) members share a segment.
+
+    A concatenation group holds one segment per input (SqueezeNet's ``expand1x1`` and
+    ``expand3x3``; every layer of a DenseNet block); a conv, its norm and its consumers, one.
+    Magnitudes of different segments are not comparable: a 3x3 producer's filters hold 9x the
+    weights of a 1x1's, and a DenseNet layer's output feeds every later layer of its block.
+
+    Example:
+        >>> import torch, graphprune as gp
+        >>> class Cat(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b, self.head = torch.nn.Linear(4, 2), torch.nn.Linear(4, 3), torch.nn.Linear(5, 1)
+        ...     def forward(self, x):
+        ...         return self.head(torch.cat([self.a(x), self.b(x)], 1))
+        >>> producer_segments(gp.find_groups(gp.trace(Cat(), torch.randn(1, 4)))[0]).tolist()
+        [0, 0, 1, 1, 1]
+    """
+    cached = _SEGMENTS.get(group)
+    if cached is not None:
+        return cached
+    makers = [m for m in group.members if m.role == "out"] or list(group.members)
+    owned = np.zeros((len(makers), group.size), dtype=bool)
+    for row, member in zip(owned, makers):
+        row[member.channel[member.channel >= 0]] = True
+    if owned.all(axis=1).all():
+        segments = np.zeros(group.size, dtype=np.int64)
+    else:  # one row of bits per channel, numbered in order of first appearance
+        keys = np.ascontiguousarray(np.packbits(owned, axis=0).T)
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        order = np.argsort(np.argsort(first, kind="stable"), kind="stable")
+        segments = order[inverse.ravel()].astype(np.int64)
+    segments.setflags(write=False)
+    _SEGMENTS[group] = segments
+    return segments
+
+
+_SEGMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> producer_segments(group)
+
+
+def _per_segment(group: ChannelGroup, score: torch.Tensor, normalize: str) -> torch.Tensor:
+    """``score`` normalized within each producer segment of ``group``, so segments compete on
+    relative, not raw, magnitude; unchanged for a group of one segment."""
+    segments = producer_segments(group)
+    if normalize == "none" or not segments.any():
+        return score
+    normalized = score.clone()
+    for segment in range(int(segments.max()) + 1):
+        inside = torch.from_numpy(segments == segment)
+        normalized[inside] = _NORMALIZERS[normalize](score[inside])
+    return normalized
+
+
 def _global_counts(active: list[ChannelGroup], scores: dict[int, torch.Tensor], ratio: float,
                    config: PlanConfig) -> dict[int, int]:
     """How many channels each group loses when all channels are ranked together."""
@@ -370,7 +433,7 @@ def _global_counts(active: list[ChannelGroup], scores: dict[int, torch.Tensor], 
     if not owners:
         return {}
     owner, value = torch.cat(owners), torch.cat(values)
-    target = int(math.floor(ratio * sum(g.size for g in active) + 1e-9))
+    target = int(math.floor(ratio * sum(int(g.prunable.sum()) for g in active) + 1e-9))
     caps = {g.id: _cap(g, config) for g in active}
     counts = dict.fromkeys(caps, 0)
     taken = 0
@@ -426,8 +489,8 @@ def make_plan(groups: Groups, scores: Mapping[int, torch.Tensor] | None = None, 
     Args:
         groups: from :func:`graphprune.find_groups`.
         scores: group id -> one score per channel (lower is removed first).
-        ratio: fraction of channels to remove, in ``[0, 1)`` (per group, or overall with a
-            global ``config.scope``).
+        ratio: fraction of the prunable channels to remove, in ``[0, 1)`` (per group, or overall
+            with a global ``config.scope``).
         config: selection options (:class:`PlanConfig`); default local, no rounding.
         round_to: shortcut for ``config.round_to``.
         removed: group id -> channels to remove, instead of ``scores``/``ratio``.
