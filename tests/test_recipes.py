@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import graphprune as gp
 import graphprune.recipes as R
-from graphprune.recipes import pipelines
+from graphprune.recipes import command, pipelines
 
 SIZE_PX = 32
 
@@ -247,6 +247,30 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
         R.s_tp_t(_tiny(), _synthetic(), other)
 
 
+@pytest.mark.parametrize("granularity", ["kernel", "unstructured"])
+def test_transfer_cli_granularity_writes_the_deployed_model_and_resumes(granularity, tmp_path, capsys):
+    from graphprune import cli
+
+    root = _image_tree(tmp_path / "data", {"train": ["a", "b"], "val": ["a", "b"]})
+    out = tmp_path / "out"
+    argv = ["transfer", "test_resnet", "--data", str(root), "-o", str(out), "--recipe", "sp_t", "--granularity",
+            granularity, "--flops-reduction", "0.5", "--target-epochs", "1", "--image-size", str(SIZE_PX),
+            "--batch-size", "2", "--quiet", "--device", "cpu", "--json"]
+    assert cli.main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert metrics["config"]["prune"]["granularity"] == granularity
+    assert abs(metrics["stages"][-1]["details"]["flops_reduction"] - 0.5) < 0.005
+    assert (out / "checkpoints" / "stages" / "prune" / "masks.pt").is_file()
+    model = gp.io.load(out / "model")
+    assert any(type(m).__name__ == "KernelConv2d" for m in model.modules()) == (granularity == "kernel")
+    assert cli.main(argv) == 0  # the same command resumes: every stage read back
+    again = json.loads(capsys.readouterr().out)["metrics"]
+    assert [s["seconds"] for s in again["stages"]] == [s["seconds"] for s in metrics["stages"]]
+    s_to_t = cli.build_parser().parse_args([*argv[:6], "--recipe", "s_to_t", *argv[8:]])
+    with pytest.raises(gp.InvalidArgumentError, match="applies to --recipe s_tp_t or sp_t"):
+        command._configs(s_to_t)
+
+
 def test_sp_t_zero_epochs_is_zero_shot_pruning():
     config = _quiet(prune=R.PruneConfig(scorer="random", flops_reduction=None, ratio=0.3),
                     target=R.FinetuneConfig(epochs=0))
@@ -285,12 +309,13 @@ def test_transtailor_search_returns_best_folded_step():
 # ----------------------------------------------------------------------------- DDP
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, granularity: str = "channel") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    config = _quiet(source=R.FinetuneConfig(epochs=1, lr=3e-3),
-                    prune=R.PruneConfig(scorer="taylor", flops_reduction=None, ratio=0.3, scoring_batches=2),
+    prune = (R.PruneConfig(scorer="taylor", flops_reduction=None, ratio=0.3, scoring_batches=2)
+             if granularity == "channel" else R.PruneConfig(granularity=granularity, flops_reduction=0.3))
+    config = _quiet(source=R.FinetuneConfig(epochs=1, lr=3e-3), prune=prune,
                     target=R.FinetuneConfig(epochs=1),
                     run=R.RunConfig(checkpoint_dir=str(Path(out_dir) / "run"), progress=False, device="cpu"))
     model, result = R.s_tp_t(_tiny(), _synthetic(), config)
@@ -299,9 +324,11 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_ranks_end_identical(tmp_path, free_port):
+@pytest.mark.parametrize("granularity", ["channel", "kernel"])
+def test_ddp_two_ranks_end_identical(tmp_path, free_port, granularity):
+    """Channels: rank 0 ships its plan; kernels: each rank masks its copy, and they agree."""
     start = time.perf_counter()
-    mp.spawn(_ddp_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port, str(tmp_path), granularity), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["plans"] == ranks[1]["plans"] and ranks[0]["plans"]
     assert ranks[0]["state"].keys() == ranks[1]["state"].keys()

@@ -518,74 +518,160 @@ def test_budgets_out_of_reach_are_refused():
         sp.kernel_prune_to_flops_(net, x, 0.95, ignore=())
 
 
-# ----------------------------------------------------------------------------- recipes
+# ----------------------------------------------------------------------------- recipes: PruneConfig.granularity
 
 
 def _run(**kwargs) -> R.RunConfig:
     return R.RunConfig(progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("granularity", ["channel", "kernel", "unstructured"])
-def test_sparse_sp_t_zero_shot_meets_the_budget(granularity, tmp_path):
-    from graphprune.recipes.sparse import SparseTransferConfig, sparse_sp_t
+def _transfer(granularity: str, reduction: float = 0.5, *, target: R.FinetuneConfig | None = None,
+              **prune) -> R.TransferConfig:
+    run = prune.pop("run", _run())
+    return R.TransferConfig(source=R.FinetuneConfig(epochs=1, lr=1e-3),
+                            prune=R.PruneConfig(granularity=granularity, flops_reduction=reduction, **prune),
+                            target=target or R.FinetuneConfig(epochs=0), run=run)
 
-    config = SparseTransferConfig(granularity=granularity, flops_reduction=0.5, target=R.FinetuneConfig(epochs=0),
-                                  run=_run())
-    model, result = sparse_sp_t(_small(), _data(), config)
-    assert [s.name for s in result.stages] == ["probe", "prune", "target"]
-    prune = result.stage("prune")
-    assert abs(prune.details["flops_reduction"] - 0.5) < 0.02
-    assert result.final.steps == 0
-    assert not sp.masked_modules(model)  # made permanent: saveable
-    assert result.final.macs == count_macs(model, torch.zeros(1, 3, 32, 32))
+
+def _recipe(name: str):
+    return {"sp_t": R.sp_t, "s_tp_t": R.s_tp_t}[name]
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("recipe", ["sp_t", "s_tp_t"])
+@pytest.mark.parametrize("granularity", ["channel", "kernel", "unstructured"])
+def test_recipes_meet_the_budget_at_every_granularity(recipe, granularity, tmp_path):
+    model, result = _recipe(recipe)(_small(), _data(), _transfer(granularity, target=R.FinetuneConfig(epochs=1)))
+    prune, final = result.stage("prune"), result.final
+    assert prune.details.get("granularity", "channel") == granularity
+    assert abs(prune.details["flops_reduction"] - 0.5) < (0.02 if granularity == "channel" else 0.005)
+    assert not sp.masked_modules(model)  # the deployed form: saveable
+    x = torch.zeros(1, 3, 32, 32)
+    assert final.macs == count_macs(model, x)
     if granularity == "kernel":
         assert any(isinstance(m, sp.KernelConv2d) for m in model.modules())
-        assert abs(1 - result.final.macs / result.base_macs - 0.5) < 0.005  # fvcore, on the deployed form
+        assert abs(1 - final.macs / result.base_macs - 0.5) < 0.005  # fvcore, on the deployed form
     if granularity == "unstructured":
-        assert result.final.macs == result.base_macs  # a dense kernel still runs every MAC
-        assert abs(result.final.details["flops_reduction"] - 0.5) < 0.005
+        assert final.macs == result.base_macs  # a dense kernel still runs every MAC
+        assert abs(final.details["flops_reduction"] - 0.5) < 0.005  # effective MACs of the trained zeros
+        assert final.details["sparsity"] == prune.details["sparsity"]
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(gp.io.load(gp.io.save(model, tmp_path / granularity))(x), model.eval()(x))
 
 
+@pytest.mark.parametrize("recipe", ["sp_t", "s_tp_t"])
 @pytest.mark.parametrize("granularity, mode", [("unstructured", "full"), ("unstructured", "linear"),
-                                               ("kernel", "full")])
-def test_sparse_sp_t_finetuning_keeps_the_masks(granularity, mode):
-    from graphprune.recipes.sparse import SparseTransferConfig, sparse_sp_t
-
-    config = SparseTransferConfig(granularity=granularity, flops_reduction=0.6, keep_masks=True,
-                                  scope="global" if granularity == "unstructured" else "local",
-                                  target=R.FinetuneConfig(epochs=1, mode=mode, lr=1e-2), run=_run())
-    model, result = sparse_sp_t(_small(), _data(), config)
+                                               ("kernel", "full"), ("kernel", "linear")])
+def test_recipe_finetuning_keeps_the_masks(recipe, granularity, mode):
+    target = R.FinetuneConfig(epochs=1, mode=mode, lr=1e-2)
+    scope = "global" if granularity == "unstructured" else "local"
+    model, result = _recipe(recipe)(_small(), _data(), _transfer(granularity, 0.6, target=target, keep_masks=True,
+                                                                 scope=scope))
     assert result.final.steps == 2
-    assert result.final.details["sparsity"] == result.stage("prune").details["sparsity"]
+    assert result.final.details["sparsity"] == result.stage("prune").details["sparsity"] > 0.5
     assert abs(result.final.details["flops_reduction"] - 0.6) < 0.005
-    for name, module in sp.masked_modules(model).items():
+    masked = sp.masked_modules(model)
+    assert masked
+    for name, module in masked.items():
         assert not bool(sp.effective_weight(module)[module.weight_mask == 0].any()), name
+    if granularity == "kernel":
+        assert all(sp.kernel_mask_index(m) is not None for m in masked.values())
 
 
-def test_sparse_sp_t_gradual_reaches_the_budget_by_the_end():
-    from graphprune.recipes.sparse import SparseTransferConfig, sparse_sp_t
+def test_deployed_kernel_model_keeps_the_trained_kept_kernels():
+    """The masked model after ``target`` and its KernelConv2d form compute the same function."""
+    config = _transfer("kernel", target=R.FinetuneConfig(epochs=1, lr=1e-2), keep_masks=True)
+    masked, _ = R.sp_t(_small(), _data(), config)
+    deployed, result = R.sp_t(_small(), _data(), _transfer("kernel", target=R.FinetuneConfig(epochs=1, lr=1e-2)))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(deployed.eval()(x), masked.eval()(x), atol=1e-5)
+    assert abs(1 - result.final.macs / result.base_macs - 0.5) < 0.005
 
-    config = SparseTransferConfig(granularity="unstructured", flops_reduction=0.5, gradual=True,
-                                  target=R.FinetuneConfig(epochs=2, lr=1e-3), run=_run())
-    _, result = sparse_sp_t(_small(), _data(n=16), config)
+
+def test_gradual_masks_reach_the_budget_by_the_end_of_target():
+    config = _transfer("unstructured", target=R.FinetuneConfig(epochs=2, lr=1e-3), gradual=True)
+    model, result = R.sp_t(_small(), _data(n=16), config)
     assert result.stage("prune").details["sparsity"] == 0.0
     assert abs(result.final.details["flops_reduction"] - 0.5) < 0.01
+    assert abs(result.final.details["sparsity"] - result.stage("prune").details["gradual_final_sparsity"]) < 0.005
 
 
-def test_sparse_config_refuses_what_does_not_apply():
-    from graphprune.recipes.sparse import SparseTransferConfig
+@pytest.mark.parametrize("recipe, granularity, gradual", [("sp_t", "kernel", False), ("sp_t", "unstructured", False),
+                                                          ("sp_t", "unstructured", True),
+                                                          ("s_tp_t", "kernel", False),
+                                                          ("s_tp_t", "unstructured", False)])
+def test_resume_from_stage_checkpoints_is_the_uninterrupted_run(recipe, granularity, gradual, tmp_path,
+                                                                monkeypatch):
+    from graphprune.recipes import pipelines
 
-    with pytest.raises(InvalidArgumentError, match="granularity must be one of"):
-        SparseTransferConfig(granularity="block")
-    with pytest.raises(InvalidArgumentError, match="apply to granularity='unstructured'"):
-        SparseTransferConfig(granularity="kernel", gradual=True)
-    with pytest.raises(InvalidArgumentError, match="channel pruning leaves no mask"):
-        SparseTransferConfig(granularity="channel", keep_masks=True)
-    with pytest.raises(InvalidArgumentError, match="target.mode='full'"):
-        SparseTransferConfig(granularity="unstructured", gradual=True, target=R.FinetuneConfig(mode="linear"))
-    with pytest.raises(InvalidArgumentError, match="checkpoint"):
-        SparseTransferConfig(granularity="kernel", run=R.RunConfig(checkpoint_dir="x", progress=False))
-    with pytest.raises(InvalidArgumentError, match=r"in \(0, 1\)"):
-        SparseTransferConfig(flops_reduction=0.0)
+    target = R.FinetuneConfig(epochs=1, lr=1e-2)
+    config = _transfer(granularity, target=target, gradual=gradual, run=_run(checkpoint_dir=str(tmp_path)))
+    uninterrupted, expected = _recipe(recipe)(_small(), _data(), _transfer(granularity, target=target,
+                                                                           gradual=gradual))
+    real = pipelines.finetune_
+
+    def crash_in_target(model, data, stage_config, **options):
+        if options["name"] == "target":
+            raise RuntimeError("simulated crash")
+        return real(model, data, stage_config, **options)
+
+    monkeypatch.setattr(pipelines, "finetune_", crash_in_target)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _recipe(recipe)(_small(), _data(), config)
+    assert (tmp_path / "stages" / "prune" / "masks.pt").is_file()
+    masked = gp.io.load(tmp_path / "stages" / "prune")  # the directory alone: the permanent form
+    assert not sp.masked_modules(masked)
+    monkeypatch.setattr(pipelines, "finetune_", real)
+    monkeypatch.setattr(pipelines, "prune_stage_", lambda *a, **k: pytest.fail("prune should be resumed"))
+    resumed, result = _recipe(recipe)(_small(), _data(), config)
+    assert _same_state(resumed, uninterrupted)
+    assert [(s.name, s.val_accuracy, s.macs, s.train_loss) for s in result.stages] == \
+        [(s.name, s.val_accuracy, s.macs, s.train_loss) for s in expected.stages]
+    assert result.final.details["flops_reduction"] == expected.final.details["flops_reduction"]
+    again, _ = _recipe(recipe)(_small(), _data(), config)  # everything finished: the target checkpoint
+    assert _same_state(again, uninterrupted)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: R.PruneConfig(granularity="kernel", ratio=0.3, flops_reduction=None), "not ratio="),
+    (lambda: R.PruneConfig(granularity="kernel", ratio=0.3), "not ratio="),
+    (lambda: R.PruneConfig(granularity="unstructured", scorer="classmean"), "scorer must be one of"),
+    (lambda: R.PruneConfig(granularity="kernel", scorer="taylor"), "scorer must be one of"),
+    (lambda: R.PruneConfig(granularity="block"), "granularity must be one of"),
+    (lambda: R.PruneConfig(granularity="kernel", scope="global"), "scope='global'"),
+    (lambda: R.PruneConfig(granularity="unstructured", scope="global", scorer="random"), "scope='global'"),
+    (lambda: R.PruneConfig(granularity="kernel", gradual=True), "gradual=True grows unstructured"),
+    (lambda: R.PruneConfig(gradual=True), "channel pruning removes channels"),
+    (lambda: R.PruneConfig(keep_masks=True), "channel pruning removes channels"),
+    (lambda: R.PruneConfig(granularity="unstructured", max_group_ratio=0.5), "max_group_ratio"),
+    (lambda: R.PruneConfig(granularity="unstructured", scorer="random", scorer_options={"seed": 1}),
+     "no scorer_options"),
+    (lambda: R.TransferConfig(prune=R.PruneConfig(granularity="unstructured", gradual=True),
+                              target=R.FinetuneConfig(mode="linear")), "target.mode='full'"),
+    (lambda: R.TransferConfig(prune=R.PruneConfig(granularity="unstructured", gradual=True),
+                              target=R.FinetuneConfig(epochs=0)), "target.epochs > 0"),
+], ids=["kernel-ratio", "kernel-ratio-default-budget", "classmean-unstructured", "taylor-kernel", "granularity",
+        "global-kernel", "global-random", "gradual-kernel", "gradual-channel", "keep-masks-channel",
+        "max-group-ratio", "scorer-options", "gradual-linear", "gradual-zero-shot"])
+def test_granularity_combinations_that_do_not_apply_are_refused(build, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        build()
+
+
+def test_sparse_sp_t_is_sp_t_with_the_granularity():
+    from graphprune.recipes.sparse import SparseTransferConfig, sparse_sp_t
+
+    config = SparseTransferConfig(granularity="unstructured", signal="random", flops_reduction=0.5,
+                                  target=R.FinetuneConfig(epochs=0), run=_run())
+    assert config.transfer_config().prune == R.PruneConfig(granularity="unstructured", scorer="random",
+                                                           flops_reduction=0.5)
+    model, result = sparse_sp_t(_small(), _data(), config)
+    expected, _ = R.sp_t(_small(), _data(), config.transfer_config())
+    assert _same_state(model, expected)
+    assert abs(result.final.details["flops_reduction"] - 0.5) < 0.005
+    with pytest.raises(InvalidArgumentError, match="signal must be one of"):
+        SparseTransferConfig(signal="taylor")

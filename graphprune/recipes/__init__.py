@@ -6,8 +6,9 @@
   fine-tuning (:mod:`.transtailor`).
 * :func:`block_search`: NetTailor-style depth search, removing whole residual blocks, then
   optionally channels (:mod:`.blocksearch`).
-* :func:`sparse_sp_t`: SP->T with the granularity as an option, channel, kernel or
-  unstructured, then linear or full fine-tuning (:mod:`.sparse`).
+* ``PruneConfig(granularity="kernel" | "unstructured")``: the pruning stage of S->TP->T and
+  SP->T at a finer granularity than channels, as masks kept through fine-tuning and returned
+  deployed (:mod:`.sparse`; :func:`sparse_sp_t` is the earlier spelling, an alias of ``sp_t``).
 * Data the timm way, decoded once (:mod:`.data`), device / bf16 / ``channels_last``
   (:mod:`.device`), the linear probe (:mod:`.probe`), the training loop on timm's optimizer and
   scheduler (:mod:`.finetune`), stage checkpoints and resume (:mod:`.checkpoint`),

@@ -6,6 +6,13 @@ Layout of a checkpoint directory::
         metrics.json        # RecipeResult so far: recipe, stages, base MACs, config
         metrics.csv         # the same stages, one CSV row each
         stages/<name>/      # graphprune.save of the model after stage <name>
+            masks.pt        # only for a masked model: {layer name: weight_mask} (torch.nn.utils.prune)
+
+A model with ``torch.nn.utils.prune`` masks (``PruneConfig.granularity`` kernel or
+unstructured) is saved in its permanent form (masked weights zero, so ``graphprune.io.load``
+of the directory alone gives the sparse model) plus its masks, which :meth:`StageStore.load`
+reinstalls: the function, the masks and the gradients of the kept weights are those of the
+model saved (only the dead values under the masks, which no output or update reads, are zero).
 
 Every file is written atomically: the model directory by :func:`graphprune.io.save`
 (staging directory, fsync, rename), the logs by :func:`atomic_write_text` (temp file in the
@@ -16,6 +23,7 @@ A rerun refuses a directory written with another configuration, rather than mixi
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -23,15 +31,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from .. import io as gp_io
 from ..errors import InvalidArgumentError
+from ..sparsity import make_permanent_, masked_modules
+from ..sparsity.unstructured import refresh_
 from .distributed import DistContext, barrier
 from .records import RecipeResult, StageRecord, records_csv
 
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
+MASKS_FILE = "masks.pt"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -60,6 +73,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     finally:
         os.close(directory)
     return target
+
+
+def _save_stage(model: nn.Module, path: Path) -> None:
+    """``graphprune.io.save`` of ``model``; a masked model as its permanent form plus ``masks.pt``."""
+    masked = masked_modules(model)
+    if not masked:
+        gp_io.save(model, path)
+        return
+    for module in masked.values():
+        refresh_(module)  # a leaf ``weight`` again, so the model deep-copies
+    permanent = copy.deepcopy(model)
+    make_permanent_(permanent)
+    gp_io.save(permanent, path)
+    masks = {name: module.weight_mask.detach().cpu() for name, module in masked.items()}
+    handle, temp = tempfile.mkstemp(prefix=f".{MASKS_FILE}.", suffix=".tmp", dir=path)
+    os.close(handle)
+    try:
+        torch.save(masks, temp)
+        os.replace(temp, path / MASKS_FILE)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
 class StageStore:
@@ -116,7 +151,18 @@ class StageStore:
         path = self._model_dir(name)
         if path is None:
             raise InvalidArgumentError(f"no checkpoint of stage {name!r} in {self.directory}")
-        return gp_io.load(path).train()
+        model = gp_io.load(path)
+        masks_path = path / MASKS_FILE
+        if masks_path.is_file():
+            modules = dict(model.named_modules())
+            masks = torch.load(masks_path, map_location="cpu", weights_only=True)
+            missing = sorted(set(masks) - set(modules))
+            if missing:
+                raise InvalidArgumentError(f"{masks_path} masks layers the saved model lacks: {missing[:3]}")
+            for name, mask in masks.items():
+                prune.custom_from_mask(modules[name], "weight", mask.to(modules[name].weight.device))
+                refresh_(modules[name])
+        return model.train()
 
     def finish(self, model: nn.Module, record: StageRecord, *, selected: str | None = None) -> None:
         """Record a finished stage: the model first, then the metrics log (rank 0 writes)."""
@@ -128,7 +174,7 @@ class StageStore:
         if self.ctx.is_main:
             stages = self.directory / "stages"
             stages.mkdir(parents=True, exist_ok=True)
-            gp_io.save(model, stages / record.name)
+            _save_stage(model, stages / record.name)
             self._write_logs()
         barrier(self.ctx)
 

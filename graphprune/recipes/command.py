@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import InvalidArgumentError
 
 RECIPES = ("s_to_t", "s_tp_t", "sp_t", "transtailor")
+GRANULARITIES = ("channel", "kernel", "unstructured")  # recipes.config.GRANULARITIES, without importing torch
 CHECKPOINTS = "checkpoints"
 
 
@@ -38,6 +39,9 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
         >>> args = build_parser().parse_args(["transfer", "resnet18", "--data", "d", "-o", "out"])
         >>> args.recipe, args.image_size, _configs(args).prune.flops_reduction  # the budget defaults to 0.3
         ('s_tp_t', 128, 0.3)
+        >>> argv = ["transfer", "resnet18", "--data", "d", "-o", "out", "--recipe", "sp_t", "--granularity", "kernel"]
+        >>> _configs(build_parser().parse_args(argv)).prune.granularity
+        'kernel'
     """
     from .config import FinetuneConfig
 
@@ -60,7 +64,12 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
     budget.add_argument("--flops-reduction", type=float, default=None, metavar="F",
                         help="fraction of MACs to remove (default 0.3)")
     budget.add_argument("--ratio", type=float, default=None, metavar="R", help="fraction of channels to remove")
-    parser.add_argument("--scorer", default="l1", help="pruning scorer (default l1)")
+    parser.add_argument("--scorer", default="l1", help="pruning scorer (default l1; kernel and unstructured: "
+                        "l1 = weight magnitude, or random)")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default="channel",
+                        help="what s_tp_t / sp_t prune: whole channels (default), K x K kernels (saved as "
+                             "KernelConv2d layers) or single weights (saved as zeros); the fine ones need "
+                             "--flops-reduction (of nonzero-weight MACs for unstructured)")
     parser.add_argument("--classifier-reuse", action="store_true", help="S->TP->T: keep the fine-tuned classifier")
     parser.add_argument("--alignment-weight", type=float, default=0.0, metavar="W",
                         help="class-mean alignment loss weight (default 0)")
@@ -93,8 +102,11 @@ def _configs(args: argparse.Namespace):
         if args.ratio is not None:
             raise InvalidArgumentError("--recipe transtailor searches its own budget; --ratio does not apply")
         return C.TransTailorConfig(source=source, finetune=target, run=run, head_init=args.head_init)
+    if args.granularity != "channel" and args.recipe not in ("s_tp_t", "sp_t"):
+        raise InvalidArgumentError(f"--granularity {args.granularity} applies to --recipe s_tp_t or sp_t, "
+                                   f"not {args.recipe}")
     prune = C.PruneConfig(scorer=args.scorer, classifier_reuse=args.classifier_reuse,
-                          alignment_weight=args.alignment_weight, **budget)
+                          alignment_weight=args.alignment_weight, granularity=args.granularity, **budget)
     return C.TransferConfig(source=source, prune=prune, target=target, run=run, head_init=args.head_init)
 
 

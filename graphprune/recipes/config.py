@@ -20,6 +20,10 @@ FINETUNE_MODES = ("full", "linear")
 OPTIMIZERS = ("adamw", "sgd")  # the two the docs discuss; any timm optimizer name works
 HEAD_INITS = ("probe", "random")
 NORM_STATS = ("frozen", "train")
+# What a pruning stage removes (graphprune.recipes.sparse): whole channels, K x K kernels, single weights.
+GRANULARITIES = ("channel", "kernel", "unstructured")
+# The scorers the kernel / unstructured granularities accept, and the weight signal each one means.
+SPARSE_SIGNALS = {"l1": "magnitude", "random": "random"}
 # Options the recipe supplies itself; a config may not set them.
 _RECIPE_OWNED_OPTIONS = frozenset({"data", "progress", "class_means", "reference"})
 
@@ -163,6 +167,25 @@ class PruneConfig:
         recalibrate_batches: after removal, re-estimate every BatchNorm's running statistics
             on this many unaugmented training batches (:func:`~graphprune.recipes.norms.recalibrate_norms_`,
             EagleEye's adaptive BN); ``None``: all of them; 0: keep the stale statistics.
+        granularity: what is removed (:mod:`graphprune.recipes.sparse`): ``"channel"`` (whole
+            channels, a smaller dense model: the engine's plan), ``"kernel"`` (the same number of
+            ``kh x kw`` kernels per output channel of each dense conv, a gather + grouped conv) or
+            ``"unstructured"`` (single weights of every Conv2d / Linear, as masks). The two fine
+            granularities need ``flops_reduction`` (for unstructured, of the *effective* MACs:
+            nonzero weights only) and ``scorer="l1"`` (weight magnitude) or ``"random"``, the two
+            signals *Towards compute-optimal transfer learning* compares; ``scope="global"``
+            (one magnitude ranking, each weight costing its layer's MACs per weight) is for
+            unstructured only. They stay ``torch.nn.utils.prune`` masks while the model trains
+            (kernel-shaped for ``"kernel"``: the same function at dense-kernel speed), so every
+            fine-tuning stage keeps them; the recipe returns them made permanent (plain zeros) or,
+            for ``"kernel"``, as :class:`~graphprune.sparsity.KernelConv2d` layers.
+        gradual: unstructured only: grow the masks during the next fine-tuning stage along GMP's
+            cubic schedule (from 0 to the budget's sparsity) instead of in one shot; that stage
+            must train the backbone (``epochs > 0``, ``mode="full"``).
+        gradual_end_fraction: the share of that stage's steps at which the final sparsity is reached.
+        keep_masks: kernel and unstructured: return the model with its masks (to train further,
+            or to evaluate at dense speed) instead of the permanent form (to save and deploy);
+            stage checkpoints hold masks either way.
     """
 
     scorer: str = "l1"
@@ -176,6 +199,10 @@ class PruneConfig:
     alignment_weight: float = 0.0
     scale_epochs: bool = False
     recalibrate_batches: int | None = 16
+    granularity: str = "channel"
+    gradual: bool = False
+    gradual_end_fraction: float = 0.8
+    keep_masks: bool = False
 
     def __post_init__(self) -> None:
         get_scorer(self.scorer)  # unknown names raise with the list of known ones
@@ -184,6 +211,10 @@ class PruneConfig:
         owned = sorted(set(self.scorer_options) & _RECIPE_OWNED_OPTIONS)
         if owned:
             raise InvalidArgumentError(f"PruneConfig.scorer_options may not set {owned}: the recipe supplies them")
+        if self.granularity in GRANULARITIES[1:] and self.ratio is not None:
+            raise InvalidArgumentError(f"granularity={self.granularity!r} prunes to a FLOPs budget: give "
+                                       "flops_reduction=, not ratio= (a fraction of channels has no meaning for "
+                                       "kernels or single weights)")
         if (self.ratio is None) == (self.flops_reduction is None):
             raise InvalidArgumentError("PruneConfig needs exactly one of ratio= and flops_reduction=")
         if self.ratio is not None:
@@ -199,6 +230,47 @@ class PruneConfig:
                                                      or self.recalibrate_batches < 0):
             raise InvalidArgumentError(f"PruneConfig.recalibrate_batches must be an int >= 0 or None, "
                                        f"got {self.recalibrate_batches!r}")
+        self._check_granularity()
+
+    def _check_granularity(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise InvalidArgumentError(f"PruneConfig.granularity must be one of {GRANULARITIES}, "
+                                       f"got {self.granularity!r}")
+        for name in ("gradual", "keep_masks"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgumentError(f"PruneConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        _number("PruneConfig.gradual_end_fraction", self.gradual_end_fraction, low=0.0, high=1.0, low_open=True)
+        if self.granularity == "channel":
+            if self.gradual or self.keep_masks:
+                raise InvalidArgumentError("PruneConfig.gradual and keep_masks apply to granularity 'kernel' or "
+                                           "'unstructured'; channel pruning removes channels and leaves no mask")
+            return
+        where = f"granularity={self.granularity!r}"
+        if self.scorer not in SPARSE_SIGNALS:
+            raise InvalidArgumentError(f"{where} ranks weights by magnitude or at random: scorer must be one of "
+                                       f"{sorted(SPARSE_SIGNALS)}, got {self.scorer!r} (a channel scorer scores "
+                                       "channels, not kernels or single weights)")
+        if self.scorer_options:
+            raise InvalidArgumentError(f"{where} takes no scorer_options (the random signal is seeded by "
+                                       f"RunConfig.seed), got {dict(self.scorer_options)!r}")
+        if self.max_group_ratio is not None:
+            raise InvalidArgumentError(f"max_group_ratio caps channel groups; it does not apply to {where}")
+        if self.scope == "global" and (self.granularity == "kernel" or self.scorer == "random"):
+            raise InvalidArgumentError(f"scope='global' is one magnitude ranking of single weights: it needs "
+                                       f"granularity='unstructured' and scorer='l1', not {where}, "
+                                       f"scorer={self.scorer!r}")
+        if self.gradual and self.granularity != "unstructured":
+            raise InvalidArgumentError(f"gradual=True grows unstructured masks; it does not apply to {where}")
+
+    @property
+    def signal(self) -> str:
+        """The weight ranking of the kernel and unstructured granularities: ``"magnitude"`` or ``"random"``.
+
+        Example:
+            >>> PruneConfig(granularity="kernel", scorer="l1").signal
+            'magnitude'
+        """
+        return SPARSE_SIGNALS.get(self.scorer, self.scorer)
 
     def plan_config(self) -> PlanConfig:
         """The engine's selection options for this stage.
@@ -273,6 +345,9 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if self.head_init not in HEAD_INITS:
             raise InvalidArgumentError(f"TransferConfig.head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+        if self.prune.gradual and (self.target.epochs == 0 or self.target.mode != "full"):
+            raise InvalidArgumentError("PruneConfig(gradual=True) grows the masks while the backbone trains: it needs "
+                                       "target.epochs > 0 and target.mode='full'")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict.

@@ -9,6 +9,11 @@
   data-driven scorers see target labels), then fine-tune; ``target.epochs = 0`` measures
   zero-shot pruning at the budget.
 
+The pruning stage of S->TP->T and SP->T removes whole channels by default;
+``PruneConfig(granularity="kernel" | "unstructured")`` prunes K x K kernels or single weights
+to the FLOPs budget instead (:mod:`.sparse`), as masks that every later stage keeps, returned in
+their deployed form (``KernelConv2d`` layers or plain zeros).
+
 Each recipe copies the input model (it is never modified), returns the resulting model and a
 :class:`RecipeResult`, checkpoints after every stage when ``config.run.checkpoint_dir`` is
 set, resumes finished stages from there, and runs unchanged under ``torchrun``.
@@ -16,6 +21,7 @@ set, resumes finished stages from there, and runs unchanged under ``torchrun``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 
@@ -28,10 +34,11 @@ from .checkpoint import StageStore
 from .config import FinetuneConfig, PruneConfig, RunConfig, TransferConfig  # noqa: F401  (docstring examples)
 from .data import TransferData
 from .device import DeviceLoader, Placement
-from .distributed import DistContext, context, rank_device, sync_state_
-from .finetune import classifier_of, finetune_, seed_everything
+from .distributed import DistContext, context, rank_device, sync_state_, train_shard
+from .finetune import classifier_of, finetune_, seed_everything, stage_steps
 from .probe import linear_probe_
 from .records import RecipeResult, StageRecord
+from .sparse import gradual_pruner, sparse_finish_
 from .stages import full_model_class_means, prune_stage_
 
 Stage = Callable[[nn.Module], StageRecord]
@@ -169,6 +176,32 @@ class _Run:
             options["epoch_scale"] = 1.0 / max(1.0 - reduction, 1e-6)
         return options
 
+    def target(self, config: FinetuneConfig, **options) -> Stage:
+        """The fine-tuning after pruning (stage ``target``).
+
+        For ``prune.granularity`` ``"kernel"`` / ``"unstructured"`` the masks hold through it
+        (``torch.nn.utils.prune`` reparametrizations: the masked weights get no update, in
+        ``full`` and ``linear`` mode alike), ``gradual`` masks grow during it, and it ends with
+        the deployed form (:func:`~graphprune.recipes.sparse.sparse_finish_`), so that its
+        checkpoint is the returned model.
+        """
+        finetune = self.finetune("target", config, **options)
+        prune = self.config.prune
+        if prune.granularity == "channel":
+            return finetune
+
+        def run(model: nn.Module) -> StageRecord:
+            seed = self.config.run.seed
+            steps = stage_steps(config, len(train_shard(self.data.train, self.ctx, seed)),
+                                options.get("epoch_scale", 1.0))
+            pruner = gradual_pruner(model, self.store.record("prune").details, prune, steps, seed=seed)
+            with pruner.attached() if pruner is not None else contextlib.nullcontext():
+                record = finetune(model)
+            return sparse_finish_(model, record, prune, self.data.example_inputs(), self.store.base_macs,
+                                  self.placement)
+
+        return run
+
     def finish(self) -> tuple[nn.Module, RecipeResult]:
         """The model (on the run's device, default memory layout) and the record."""
         return self.model.to(memory_format=torch.contiguous_format), self.store.result()
@@ -243,7 +276,7 @@ def s_tp_t(model: nn.Module, data: TransferData, config: TransferConfig | None =
     means = run.class_means()  # run.model is the fine-tuned full model here, trained now or resumed
     teacher = run.teacher()
     run.stage("prune", run.prune("prune"))
-    run.stage("target", run.finetune("target", config.target, **run.target_options(means, teacher)))
+    run.stage("target", run.target(config.target, **run.target_options(means, teacher)))
     return run.finish()
 
 
@@ -283,6 +316,6 @@ def sp_t(model: nn.Module, data: TransferData, config: TransferConfig | None = N
     run.probe()  # data-driven scorers then see a head that fits the target classes
     means = run.class_means()  # of the unpruned source, with the target's fresh classifier
     run.stage("prune", run.prune("prune"))
-    run.stage("target", run.finetune("target", config.target, **run.target_options(means)))
+    run.stage("target", run.target(config.target, **run.target_options(means)))
     return run.finish()
 

@@ -1,83 +1,204 @@
-"""SP->T at a FLOPs budget with the granularity as an option: channel, kernel or unstructured.
+"""The kernel and unstructured granularities of the recipes' pruning stage (``PruneConfig.granularity``).
 
-Zero-shot structured pruning of a pretrained model (*Towards compute-optimal transfer
-learning*) and sparse transfer by linear probing vs full fine-tuning (*How well do sparse
-ImageNet models transfer?*) in one recipe, :func:`sparse_sp_t`:
+Zero-shot structured pruning of a pretrained model at a FLOPs budget (*Towards compute-optimal
+transfer learning*: channel vs kernel vs unstructured, magnitude vs random) and sparse transfer
+by linear probing vs full fine-tuning (*How well do sparse ImageNet models transfer?*) are
+options of the existing recipes, not recipes of their own::
 
-* ``granularity="channel"`` is :func:`~graphprune.recipes.sp_t` itself (``PruneConfig(scorer=
-  "l1" or "random", flops_reduction=...)``).
-* ``"kernel"`` and ``"unstructured"`` follow the same stages: the source model gets the
-  target's classifier, fitted as a linear probe on the *unpruned* features (stage ``probe``, by
-  :func:`~graphprune.recipes.s_to_t` with no fine-tuning, as SP->T does before pruning), then
-  :mod:`graphprune.sparsity` prunes it to the budget (stage ``prune``: BatchNorm statistics
-  re-estimated as in SP->T), then :func:`~graphprune.recipes.finetune_` trains it (stage
-  ``target``: ``mode="full"`` or ``"linear"``, ``epochs=0`` is zero-shot).
-* Both are ``torch.nn.utils.prune`` masks while the model trains (kernel-shaped for
-  ``"kernel"``: the dense conv with its removed kernels zero is the same function, and trains
-  at dense speed), so ``finetune_`` keeps them unchanged; ``gradual=True`` instead grows
-  unstructured masks during ``target`` along GMP's cubic schedule. Unless ``keep_masks=True``
-  the returned model has them made permanent: plain zero weights (unstructured), or
-  :class:`~graphprune.sparsity.KernelConv2d` layers, gather + grouped conv (kernel).
+    prune = PruneConfig(granularity="kernel", scorer="l1", flops_reduction=0.5)
+    sp_t(model, data, TransferConfig(prune=prune, target=FinetuneConfig(epochs=5, mode="linear")))
 
-Every stage's ``details`` holds the granularity and the measured ``flops_reduction``; for
-unstructured masks that is of the *effective* MACs (nonzero weights only), while ``macs`` is
-what a dense kernel still executes.
+What this module adds to the stages of :mod:`.pipelines`:
+
+* :func:`sparse_prune_` is the ``prune`` stage for ``"kernel"`` and ``"unstructured"``:
+  :mod:`graphprune.sparsity` masks the model to the budget (``torch.nn.utils.prune``
+  reparametrizations; kernel-shaped for ``"kernel"``, the same function as the gather + grouped
+  conv at dense-kernel speed). The selection reads only the weights (and the run's seed for
+  ``random``), so every DDP rank computes the same masks on its identical copy: no plan is
+  shipped. ``gradual=True`` installs masks of ones and leaves the sparsity to the next stage.
+* :func:`gradual_pruner` grows those masks during the fine-tuning after pruning along GMP's
+  cubic schedule (the final sparsity was fixed by the budget in the ``prune`` stage's record, so
+  a resumed run rebuilds the same schedule).
+* :func:`sparse_finish_` ends that fine-tuning stage: unless ``keep_masks``, the masks are made
+  permanent (plain zeros, unstructured) or the kernel-masked convs become
+  :class:`~graphprune.sparsity.KernelConv2d` layers (kernel), the deployed form that
+  :func:`graphprune.io.save` writes; the record gets the sparsity and the *effective* FLOPs
+  reduction (nonzero-weight MACs, the sparse literature's figure), while its ``macs`` is what the
+  model executes (a dense kernel runs every MAC of an unstructured model).
+
+Masked stage checkpoints are handled by :class:`~graphprune.recipes.checkpoint.StageStore` (the
+permanent form plus the masks). :func:`sparse_sp_t` / :class:`SparseTransferConfig` are the
+earlier spelling of ``sp_t`` with these options, kept for the benchmark scripts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..groups import classifier_names
-from ..measurement import count_macs, count_params
-from ..sparsity import (GradualPruner, GradualSchedule, check_reduction, effective_macs, kernel_convs_from_masks_,
-                        kernel_masks_to_flops_, make_permanent_, maskable_modules, overall_sparsity,
-                        unstructured_to_flops_)
+from ..measurement import analyze_macs, count_macs, count_params
+from ..sparsity import (GradualPruner, GradualSchedule, effective_macs, install_masks_, kernel_convs_from_masks_,
+                        kernel_mask_index, kernel_masks_to_flops_, make_permanent_, maskable_modules,
+                        overall_sparsity, unstructured_to_flops_)
 from ..sparsity.budget import global_sparsity_for_macs
-from .config import HEAD_INITS, FinetuneConfig, PruneConfig, RunConfig, TransferConfig
-from .data import TransferData
+from .config import GRANULARITIES, HEAD_INITS, FinetuneConfig, PruneConfig, RunConfig, TransferConfig
 from .device import Placement
-from .distributed import context, rank_device
-from .finetune import finetune_, measure_record, seed_everything, stage_steps
-from .pipelines import on_device, s_to_t, sp_t
 from .records import RecipeResult, StageRecord
-from .stages import recalibrate_after_removal_
 
-GRANULARITIES = ("channel", "kernel", "unstructured")
 SIGNALS = ("magnitude", "random")
+
+
+def sparse_prune_(model: nn.Module, example_inputs, config: PruneConfig, *, seed: int = 0) -> dict[str, Any]:
+    """Mask ``model`` in place to ``config.flops_reduction`` at ``config.granularity`` (kernel or unstructured).
+
+    Deterministic given the weights and ``seed``: every DDP rank masks its copy the same way.
+
+    Args:
+        model: the model, with its target classifier (left dense).
+        example_inputs: a batch to count MACs on.
+        config: granularity, budget, signal (``scorer``), scope, gradual.
+        seed: seed of the ``random`` signal.
+
+    Returns:
+        The stage's details: granularity, signal, scope, the target and the measured (effective)
+        ``flops_reduction``, ``effective_macs``, ``sparsity`` (of the maskable layers' weights),
+        ``keep_ratio`` (kernel), ``gradual_final_sparsity`` (gradual: measured 0 until the next stage).
+
+    Raises:
+        InvalidArgumentError: ``granularity="channel"``, or the budget is out of the layers' reach.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_resnet", pretrained=False, num_classes=2)
+        >>> config = PruneConfig(granularity="unstructured", flops_reduction=0.5)
+        >>> round(sparse_prune_(model, torch.zeros(1, 3, 32, 32), config)["flops_reduction"], 2)
+        0.5
+    """
+    if config.granularity not in GRANULARITIES[1:]:
+        raise InvalidArgumentError(f"sparse_prune_ prunes kernels or single weights, not {config.granularity!r} "
+                                   "(channels go through the engine's plan: prune_stage_)")
+    ignore = classifier_names(model)
+    details: dict[str, Any] = {"granularity": config.granularity, "signal": config.signal, "scope": config.scope,
+                               "target_flops_reduction": config.flops_reduction}
+    if config.granularity == "kernel":
+        _, budget = kernel_masks_to_flops_(model, example_inputs, config.flops_reduction, signal=config.signal,
+                                           ignore=ignore, seed=seed)
+        details.update(keep_ratio=1.0 - budget.weight_sparsity, effective_macs=budget.macs_after,
+                       flops_reduction=budget.flops_reduction,
+                       sparsity=overall_sparsity(maskable_modules(model, ignore)))
+        return details
+    if not config.gradual:
+        report, budget = unstructured_to_flops_(model, example_inputs, config.flops_reduction, scope=config.scope,
+                                                signal=config.signal, ignore=ignore, seed=seed)
+        details.update(sparsity=report.sparsity, effective_macs=budget.macs_after,
+                       flops_reduction=budget.flops_reduction)
+        return details
+    # gradual: the final sparsity the budget needs on today's weights, reached during the next stage
+    count = analyze_macs(model, example_inputs)
+    modules = maskable_modules(model, ignore)
+    wanted = config.flops_reduction * count.macs
+    maskable = sum(count.macs_by_module.get(name, 0) for name in modules)
+    if wanted >= maskable:
+        raise InvalidArgumentError(f"the maskable layers hold {maskable / count.macs:.3f} of the MACs, not more than "
+                                   f"flops_reduction={config.flops_reduction}")
+    final = (wanted / maskable if config.scope == "local"
+             else global_sparsity_for_macs(modules, count.macs_by_module, wanted))
+    install_masks_(modules)  # masks of ones: the checkpoint of this stage already has the masked form
+    details.update(gradual_final_sparsity=final, sparsity=0.0, effective_macs=count.macs, flops_reduction=0.0)
+    return details
+
+
+def gradual_pruner(model: nn.Module, prune_details: dict[str, Any], config: PruneConfig, steps: int, *,
+                   seed: int = 0) -> GradualPruner | None:
+    """The :class:`~graphprune.sparsity.GradualPruner` of a ``gradual`` config for a stage of ``steps`` steps.
+
+    Args:
+        model: the model the ``prune`` stage masked (trained now or loaded from its checkpoint).
+        prune_details: that stage's ``details`` (its ``gradual_final_sparsity``).
+        config: the pruning config; ``None`` is returned unless ``config.gradual``.
+        steps: optimizer steps of the stage; the final sparsity is reached at
+            ``round(gradual_end_fraction * steps)``.
+        seed: seed of the ``random`` signal.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_resnet", pretrained=False, num_classes=2)
+        >>> config = PruneConfig(granularity="unstructured", flops_reduction=0.5, gradual=True)
+        >>> details = sparse_prune_(model, torch.zeros(1, 3, 32, 32), config)
+        >>> gradual_pruner(model, details, config, steps=10).schedule.end_step
+        8
+    """
+    if not config.gradual:
+        return None
+    schedule = GradualSchedule(final_sparsity=prune_details["gradual_final_sparsity"],
+                               end_step=max(1, round(config.gradual_end_fraction * steps)), scope=config.scope)
+    return GradualPruner(model, schedule, modules=list(maskable_modules(model, classifier_names(model))),
+                         signal=config.signal, seed=seed)
+
+
+def deploy_(model: nn.Module, granularity: str) -> None:
+    """The exportable form of a masked model, in place: kernel-masked convs become ``KernelConv2d``
+    (the ``graphprune.kernels/1`` plan recorded), every other mask is folded into plain zeros.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_resnet", pretrained=False, num_classes=2)
+        >>> _ = sparse_prune_(model, torch.zeros(1, 3, 32, 32), PruneConfig(granularity="kernel", flops_reduction=0.3))
+        >>> deploy_(model, "kernel")
+        >>> any(type(m).__name__ == "KernelConv2d" for m in model.modules())
+        True
+    """
+    if granularity == "kernel" and any(kernel_mask_index(m) is not None for m in model.modules()):
+        kernel_convs_from_masks_(model)
+    make_permanent_(model)
+
+
+def sparse_finish_(model: nn.Module, record: StageRecord, config: PruneConfig, example_inputs, base_macs: int,
+                   placement: Placement | None = None) -> StageRecord:
+    """End the fine-tuning after a kernel / unstructured pruning: the deployed form (unless
+    ``config.keep_masks``) and the record with what the model costs.
+
+    Returns:
+        ``record`` with ``macs`` / ``params`` of the returned form and ``details`` holding the
+        granularity, the weight ``sparsity`` of the maskable layers, ``effective_macs`` and the
+        effective ``flops_reduction`` from ``base_macs``.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_resnet", pretrained=False, num_classes=2)
+        >>> x = torch.zeros(1, 3, 32, 32)
+        >>> config = PruneConfig(granularity="kernel", flops_reduction=0.5)
+        >>> _ = sparse_prune_(model, x, config)
+        >>> record = sparse_finish_(model, StageRecord("target", "finetune", 0.5, 0, 0, 0.0), config, x,
+        ...                         count_macs(timm.create_model("test_resnet", num_classes=2), x))
+        >>> record.macs == count_macs(model, x), round(record.details["flops_reduction"], 2)
+        (True, 0.5)
+    """
+    modules = maskable_modules(model, classifier_names(model))
+    details = {**record.details, "granularity": config.granularity, "sparsity": overall_sparsity(modules)}
+    if not config.keep_masks:
+        deploy_(model, config.granularity)
+        if placement is not None:
+            placement.model_(model)  # new KernelConv2d modules take the run's layout
+    after = effective_macs(model, example_inputs, maskable_modules(model, classifier_names(model)))
+    details.update(effective_macs=after, flops_reduction=1.0 - after / base_macs if base_macs else 0.0)
+    return dataclasses.replace(record, macs=int(count_macs(model, example_inputs)), params=int(count_params(model)),
+                               details=details)
 
 
 @dataclass(frozen=True)
 class SparseTransferConfig:
-    """SP->T with a choice of granularity.
+    """The earlier spelling of SP->T with a granularity; :meth:`transfer_config` is what runs.
 
-    Attributes:
-        granularity: ``"channel"`` (whole channels, a smaller dense model), ``"kernel"`` (k of the
-            ``kh x kw`` kernels per output channel, a gather + grouped conv) or ``"unstructured"``
-            (single weights, masks).
-        flops_reduction: fraction of the MACs to remove, in (0, 1); for unstructured, of the
-            effective (nonzero-weight) MACs.
-        signal: ``"magnitude"`` (channel: the ``l1`` scorer) or ``"random"``: the two signals of the paper.
-        scope: unstructured only: ``"local"`` (the same sparsity in every layer) or ``"global"``
-            (one magnitude ranking, each weight costing its layer's MACs per weight).
-        gradual: unstructured only: grow the masks during ``target`` (GMP) instead of one shot
-            before it; needs ``target.epochs > 0`` and ``target.mode="full"``.
-        gradual_end_fraction: the fraction of the ``target`` steps at which the final sparsity is reached.
-        target: the fine-tuning after pruning; ``mode="linear"`` probes the frozen sparse
-            backbone, ``"full"`` fine-tunes it with the masks kept, ``epochs=0`` is zero-shot.
-        run: seed, progress, device (``checkpoint_dir`` only with ``"channel"``).
-        head_init: ``"probe"`` (the classifier fitted on the unpruned features first) or ``"random"``.
-        recalibrate_batches: BatchNorm re-estimate after pruning, as :attr:`PruneConfig.recalibrate_batches`.
-        keep_masks: kernel and unstructured: return the model with its ``torch.nn.utils.prune``
-            masks (to train on, or to evaluate at dense-kernel speed) instead of permanent zeros
-            or ``KernelConv2d`` layers (to save and deploy).
+    Prefer ``TransferConfig(prune=PruneConfig(granularity=..., scorer="l1" | "random",
+    flops_reduction=...))`` with :func:`~graphprune.recipes.sp_t` (or ``s_tp_t``): the same
+    stages, checkpoints and resume. Fields map one to one: ``signal`` ``"magnitude"`` /
+    ``"random"`` is ``scorer`` ``"l1"`` / ``"random"``; the rest keep their names.
     """
 
     granularity: str = "kernel"
@@ -93,40 +214,22 @@ class SparseTransferConfig:
     keep_masks: bool = False
 
     def __post_init__(self) -> None:
-        for name, value, choices in (("granularity", self.granularity, GRANULARITIES),
-                                     ("signal", self.signal, SIGNALS), ("scope", self.scope, ("local", "global")),
-                                     ("head_init", self.head_init, HEAD_INITS)):
+        for name, value, choices in (("signal", self.signal, SIGNALS), ("head_init", self.head_init, HEAD_INITS)):
             if value not in choices:
                 raise InvalidArgumentError(f"SparseTransferConfig.{name} must be one of {choices}, got {value!r}")
-        check_reduction(self.flops_reduction)
-        if self.granularity != "unstructured" and (self.gradual or self.scope != "local"):
-            raise InvalidArgumentError("SparseTransferConfig.gradual and scope apply to "
-                                       f"granularity='unstructured', not {self.granularity!r}")
-        if self.granularity == "channel" and self.keep_masks:
-            raise InvalidArgumentError("SparseTransferConfig.keep_masks applies to granularity 'kernel' and "
-                                       "'unstructured'; channel pruning leaves no mask")
-        if self.scope == "global" and self.signal == "random":
-            raise InvalidArgumentError("a global ranking is by magnitude; use scope='local' with signal='random'")
-        if self.gradual and (self.target.epochs == 0 or self.target.mode != "full"):
-            raise InvalidArgumentError("gradual pruning happens while the backbone trains: it needs target.epochs > 0 "
-                                       "and target.mode='full'")
-        if not 0.0 < self.gradual_end_fraction <= 1.0:
-            raise InvalidArgumentError(f"SparseTransferConfig.gradual_end_fraction must be in (0, 1], got "
-                                       f"{self.gradual_end_fraction!r}")
-        if self.granularity != "channel" and self.run.checkpoint_dir is not None:
-            raise InvalidArgumentError("stage checkpoints are written for granularity='channel' only; set "
-                                       "RunConfig(checkpoint_dir=None) and save the result with graphprune.io.save")
-        self.transfer_config()  # the channel path's own checks (recalibrate_batches, ...)
+        self.transfer_config()  # PruneConfig / TransferConfig check the rest
 
     def transfer_config(self) -> TransferConfig:
-        """The :class:`TransferConfig` of the ``channel`` path (and of the probe of the others).
+        """The :class:`TransferConfig` that :func:`~graphprune.recipes.sp_t` runs.
 
         Example:
             >>> SparseTransferConfig(granularity="channel", signal="random").transfer_config().prune.scorer
             'random'
         """
         prune = PruneConfig(scorer="l1" if self.signal == "magnitude" else "random",
-                            flops_reduction=self.flops_reduction, recalibrate_batches=self.recalibrate_batches)
+                            flops_reduction=self.flops_reduction, scope=self.scope, granularity=self.granularity,
+                            gradual=self.gradual, gradual_end_fraction=self.gradual_end_fraction,
+                            keep_masks=self.keep_masks, recalibrate_batches=self.recalibrate_batches)
         return TransferConfig(prune=prune, target=self.target, run=self.run, head_init=self.head_init)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,115 +242,14 @@ class SparseTransferConfig:
         return asdict(self)
 
 
-def _prune(model: nn.Module, data: TransferData, config: SparseTransferConfig, placement: Placement
-           ) -> tuple[dict, GradualPruner | None]:
-    """Prune ``model`` in place to the budget; the details for the record, and the pruner of a gradual run."""
-    example = data.example_inputs()
-    ignore = classifier_names(model)
-    details: dict = {"granularity": config.granularity, "signal": config.signal,
-                     "target_flops_reduction": config.flops_reduction}
-    if config.granularity == "kernel":
-        _, budget = kernel_masks_to_flops_(model, example, config.flops_reduction, signal=config.signal,
-                                           ignore=ignore, seed=config.run.seed)
-        details.update(keep_ratio=1.0 - budget.weight_sparsity, effective_macs=budget.macs_after,
-                       flops_reduction=budget.flops_reduction,
-                       sparsity=overall_sparsity(maskable_modules(model, ignore)))
-        return details, None
-    details["scope"] = config.scope
-    if not config.gradual:
-        report, budget = unstructured_to_flops_(model, example, config.flops_reduction, scope=config.scope,
-                                                signal=config.signal, ignore=ignore, seed=config.run.seed)
-        details.update(sparsity=report.sparsity, effective_macs=budget.macs_after,
-                       flops_reduction=budget.flops_reduction)
-        return details, None
-    # gradual: the final sparsity the budget needs on today's weights, reached during ``target``
-    from ..measurement import analyze_macs
-
-    count = analyze_macs(model, example)
-    modules = maskable_modules(model, ignore)
-    wanted = config.flops_reduction * count.macs
-    maskable = sum(count.macs_by_module.get(name, 0) for name in modules)
-    if wanted >= maskable:
-        raise InvalidArgumentError(f"the maskable layers hold {maskable / count.macs:.3f} of the MACs, not more than "
-                                   f"flops_reduction={config.flops_reduction}")
-    final = (wanted / maskable if config.scope == "local"
-             else global_sparsity_for_macs(modules, count.macs_by_module, wanted))
-    loader_batches = len(data.train)
-    steps = stage_steps(config.target, loader_batches)
-    schedule = GradualSchedule(final_sparsity=final, end_step=max(1, round(config.gradual_end_fraction * steps)),
-                               scope=config.scope)
-    pruner = GradualPruner(model, schedule, modules=list(modules), signal=config.signal, seed=config.run.seed)
-    details.update(gradual_final_sparsity=final, gradual_end_step=schedule.end_step, sparsity=0.0,
-                   effective_macs=count.macs, flops_reduction=0.0)
-    return details, pruner
-
-
-def sparse_sp_t(model: nn.Module, data: TransferData, config: SparseTransferConfig | None = None
+def sparse_sp_t(model: nn.Module, data, config: SparseTransferConfig | None = None
                 ) -> tuple[nn.Module, RecipeResult]:
-    """SP->T at ``config.flops_reduction`` with ``config.granularity``: probe, prune, fine-tune.
-
-    Args:
-        model: the source (pretrained) timm model; not modified.
-        data: the target task.
-        config: granularity, budget, signal and the ``target`` fine-tuning; ``None``: the defaults.
-
-    Returns:
-        The pruned (fine-tuned) model and the record (stages ``probe``, ``prune``, ``target``).
+    """``sp_t(model, data, config.transfer_config())``: the earlier entry point, kept as a thin alias.
 
     Example:
-        >>> import timm, torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> pairs = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4))
-        >>> data = TransferData(DataLoader(pairs, batch_size=4), DataLoader(pairs, batch_size=4), ("a", "b"))
-        >>> config = SparseTransferConfig(granularity="unstructured", flops_reduction=0.5,
-        ...                               target=FinetuneConfig(epochs=1), run=RunConfig(progress=False))
-        >>> pruned, result = sparse_sp_t(timm.create_model("resnet18", pretrained=False), data, config)
-        >>> [s.name for s in result.stages], round(result.final.details["flops_reduction"], 2)
-        (['probe', 'prune', 'target'], 0.5)
+        >>> SparseTransferConfig(granularity="unstructured").transfer_config().prune.granularity
+        'unstructured'
     """
-    config = config or SparseTransferConfig()
-    if config.granularity == "channel":
-        return sp_t(model, data, config.transfer_config())
-    run = config.run
-    # the probe on the unpruned features, as SP->T fits it before pruning
-    probe_config = TransferConfig(source=FinetuneConfig(epochs=0), run=run, head_init=config.head_init)
-    probed, probe_result = s_to_t(model, data, probe_config)
-    resolved = Placement.resolve(probed, run.device, run.precision, run.channels_last)
-    ctx = context(resolved.device)
-    placement = Placement(rank_device(resolved.device), resolved.bf16, resolved.channels_last)
-    data = on_device(data, placement)
-    model = placement.model_(probed)
-    seed_everything(run.seed)
-    progress = run.progress and ctx.is_main
+    from .pipelines import sp_t
 
-    start = time.perf_counter()
-    details, pruner = _prune(model, data, config, placement)
-    placement.model_(model)  # new modules take the run's layout
-    details["recalibrated_norms"] = recalibrate_after_removal_(model, data, config.recalibrate_batches, placement)
-    pruned = measure_record(model, data, "prune", "prune", time.perf_counter() - start, ctx=ctx, placement=placement)
-    pruned = dataclasses.replace(pruned, details=details)
-
-    if pruner is not None:
-        with pruner.attached():
-            target = finetune_(model, data, config.target, name="target", ctx=ctx, seed=run.seed, progress=progress,
-                               placement=placement)
-    else:
-        target = finetune_(model, data, config.target, name="target", ctx=ctx, seed=run.seed, progress=progress,
-                           placement=placement)
-    example = data.example_inputs()
-    modules = maskable_modules(model, classifier_names(model))
-    target_details = {**target.details, "granularity": config.granularity, "sparsity": overall_sparsity(modules)}
-    if not config.keep_masks:
-        if config.granularity == "kernel":
-            kernel_convs_from_masks_(model)  # the deployed form: gather + grouped conv, on the plan history
-            placement.model_(model)
-        else:
-            make_permanent_(model)
-    after = effective_macs(model, example, maskable_modules(model, classifier_names(model)))
-    target_details.update(effective_macs=after, flops_reduction=1.0 - after / probe_result.base_macs)
-    target = dataclasses.replace(target, macs=int(count_macs(model, example)), params=int(count_params(model)),
-                                 details=target_details)
-    stages = (*[s for s in probe_result.stages if s.name == "probe"], pruned, target)
-    result = RecipeResult(recipe=f"SP->T/{config.granularity}", stages=tuple(stages),
-                          base_macs=probe_result.base_macs, config=config.to_dict())
-    return model.to(memory_format=torch.contiguous_format), result  # as the other recipes return theirs
+    return sp_t(model, data, (config or SparseTransferConfig()).transfer_config())

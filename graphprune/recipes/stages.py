@@ -1,10 +1,12 @@
 """The pruning stage of a recipe, and the class means the alignment loss needs.
 
-Pruning decisions are made once, on rank 0, and shipped as the plan JSON the engine already
-records on the model (``model.graphprune_plans``); the other ranks apply that plan to their
-identical copies. The classifier (``classifier_names``) is always ignored: it keeps every
-input column, so the penultimate features keep their width, the full model's classifier can
-be reused as is, and its class means live in the same space as the pruned model's features.
+Channel pruning decisions are made once, on rank 0, and shipped as the plan JSON the engine
+already records on the model (``model.graphprune_plans``); the other ranks apply that plan to
+their identical copies. Kernel and unstructured masks (``PruneConfig.granularity``,
+:mod:`.sparse`) depend only on the weights and the seed, so every rank computes its own. The
+classifier (``classifier_names``) is always ignored: it keeps every input column, so the
+penultimate features keep their width, the full model's classifier can be reused as is, and its
+class means live in the same space as the pruned model's features.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .norms import recalibrate_norms_
 from .distributed import DistContext, on_main
 from .finetune import measure_record
 from .records import StageRecord
+from .sparse import sparse_prune_
 
 # Scorers that read target data: the recipe passes them the training loader.
 DATA_SCORERS = frozenset({"taylor", "target_taylor", "classmean"})
@@ -68,7 +71,7 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
     Args:
         model: the model to prune.
         data: the target task; data-driven scorers read ``data.train``.
-        config: scorer, budget, scope.
+        config: scorer, budget, scope, granularity.
         name: the stage name in the record.
         ctx: the data-parallel context.
         seed: seed of seeded scorers.
@@ -93,11 +96,16 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
     start = time.perf_counter()
     example = data.example_inputs()
     before = count_macs(model, example)
-    plan_json = on_main(ctx, lambda: _prune_on_main(model, data, config, seed, progress and ctx.is_main))
-    if not ctx.is_main:
-        plan = Plan.from_json(plan_json)
-        apply_plan_(model, plan)
-        record_plan(model, plan)
+    sparse_details = None
+    if config.granularity != "channel":
+        # masks chosen from the weights and the seed alone: identical on every rank, nothing to ship
+        sparse_details = sparse_prune_(model, example, config, seed=seed)
+    else:
+        plan_json = on_main(ctx, lambda: _prune_on_main(model, data, config, seed, progress and ctx.is_main))
+        if not ctx.is_main:
+            plan = Plan.from_json(plan_json)
+            apply_plan_(model, plan)
+            record_plan(model, plan)
     if placement is not None:
         placement.model_(model)  # new (sliced) weights take the run's memory layout again
     recalibrated = recalibrate_after_removal_(model, data, config.recalibrate_batches, placement)
@@ -107,6 +115,8 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
                "target_flops_reduction": config.flops_reduction,
                "flops_reduction": 1.0 - record.macs / before if before else 0.0,
                "recalibrated_norms": recalibrated}
+    if sparse_details is not None:  # flops_reduction: of the effective (nonzero-weight) MACs
+        details = {**details, **sparse_details}
     return StageRecord(**{**record.__dict__, "details": details})
 
 
