@@ -21,6 +21,7 @@ from .budget import check_flops_reduction, select_for_flops
 from .errors import InvalidArgumentError, PruneError
 from .groups import Groups, find_groups
 from .inputs import ExampleInputs, as_examples
+from .latency.select import LatencyConfig, check_latency_reduction, plan_for_latency
 from .plan import Plan, PlanConfig, _check_ratio, make_plan
 from .removal import apply_plan_
 from .scoring import get_scorer
@@ -34,18 +35,21 @@ __all__ = ["apply_verified_", "prune", "prune_", "record_plan"]  # apply_verifie
 def prune_(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float | None = None,
            flops_reduction: float | None = None, scorer: str | Scorer = "l1",
            scorer_options: Mapping[str, Any] | None = None, ignore: Iterable[str] = (),
-           config: PlanConfig | None = None, round_to: int | None = None) -> nn.Module:
+           config: PlanConfig | None = None, round_to: int | None = None, latency_reduction: float | None = None,
+           latency_config: LatencyConfig | None = None) -> nn.Module:
     """Prune ``model`` in place; see :func:`prune` (same arguments). On error the model is unchanged."""
     with paused_gc():
         return _prune_(model, example_inputs, ratio=ratio, flops_reduction=flops_reduction, scorer=scorer,
-                       scorer_options=scorer_options, ignore=ignore, config=config, round_to=round_to)
+                       scorer_options=scorer_options, ignore=ignore, config=config, round_to=round_to,
+                       latency_reduction=latency_reduction, latency_config=latency_config)
 
 
 def _prune_(model: nn.Module, example_inputs: ExampleInputs, *, ratio: float | None, flops_reduction: float | None,
             scorer: str | Scorer, scorer_options: Mapping[str, Any] | None, ignore: Iterable[str],
-            config: PlanConfig | None, round_to: int | None) -> nn.Module:
+            config: PlanConfig | None, round_to: int | None, latency_reduction: float | None = None,
+            latency_config: LatencyConfig | None = None) -> nn.Module:
     score_fn, options, ignore = _check_arguments(model, ratio, flops_reduction, scorer, scorer_options, ignore,
-                                                 config)
+                                                 config, latency_reduction)
     config = _config(config, round_to)
     examples = list(as_examples(model, example_inputs))
     graph = trace(model, examples)
@@ -56,6 +60,11 @@ def _prune_(model: nn.Module, example_inputs: ExampleInputs, *, ratio: float | N
         plan = make_plan(groups, scores, ratio=ratio, config=config)
         applied, dropped = apply_verified_(model, groups, plan, examples)
         _warn_dropped(groups, dropped)
+    elif latency_reduction is not None:  # modelled, then measured end to end on trial copies
+        applied, latency_record = plan_for_latency(model, groups, scores, examples, latency_reduction, config,
+                                                   latency_config)
+        apply_plan_(model, applied)
+        model.graphprune_latency = latency_record.to_dict()  # predicted vs measured
     else:  # verified and measured on a trial copy
         applied = _plan_for_flops(model, groups, scores, examples, flops_reduction, config)
         apply_plan_(model, applied)
@@ -87,7 +96,8 @@ def _config(config: PlanConfig | None, round_to: int | None) -> PlanConfig:
 
 
 def _check_arguments(model: Any, ratio: float | None, flops_reduction: float | None, scorer: Any,
-                     scorer_options: Any, ignore: Any, config: Any) -> tuple[Scorer, dict[str, Any], tuple[str, ...]]:
+                     scorer_options: Any, ignore: Any, config: Any,
+                     latency_reduction: float | None = None) -> tuple[Scorer, dict[str, Any], tuple[str, ...]]:
     """Every argument checked before anything runs: the scorer, its options and the ignore names, normalized."""
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}: {model!r:.60}")
@@ -97,7 +107,7 @@ def _check_arguments(model: Any, ratio: float | None, flops_reduction: float | N
             f"the model's tensors are on the meta device (e.g. {meta}): they hold no values to score or keep. "
             "Load the weights first (model.to_empty(device='cpu') and load_state_dict), or plan on it with the verbs "
             "(gp.trace, gp.find_groups, gp.make_plan(groups, removed=...)) and apply the plan to the real model")
-    _check_target(ratio, flops_reduction)
+    _check_target(ratio, flops_reduction, latency_reduction)
     if config is not None and not isinstance(config, PlanConfig):
         raise InvalidArgumentError(f"config must be a graphprune.PlanConfig, e.g. PlanConfig(scope='global'), "
                                    f"got {type(config).__name__} {config!r:.60}")
@@ -145,13 +155,16 @@ def _ignore_names(model: nn.Module, ignore: Any) -> tuple[str, ...]:
     return names
 
 
-def _check_target(ratio: float | None, flops_reduction: float | None) -> None:
-    if (ratio is None) == (flops_reduction is None):
-        raise InvalidArgumentError("give exactly one of ratio= (channel fraction) or flops_reduction= (MACs fraction)")
+def _check_target(ratio: float | None, flops_reduction: float | None, latency_reduction: float | None = None) -> None:
+    if sum(t is not None for t in (ratio, flops_reduction, latency_reduction)) != 1:
+        raise InvalidArgumentError("give exactly one of ratio= (channel fraction), flops_reduction= (MACs fraction) "
+                                   "or latency_reduction= (measured latency fraction)")
     if ratio is not None:
         _check_ratio(ratio)
-    else:
+    elif flops_reduction is not None:
         check_flops_reduction(flops_reduction)
+    else:
+        check_latency_reduction(latency_reduction)
 
 
 def _plan_for_flops(model: nn.Module, groups: Groups, scores, args: Examples, flops_reduction: float,
@@ -198,7 +211,8 @@ def record_plan(model: nn.Module, plan: Plan) -> None:
 def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float | None = None,
           flops_reduction: float | None = None, scorer: str | Scorer = "l1",
           scorer_options: Mapping[str, Any] | None = None, ignore: Iterable[str] = (),
-          config: PlanConfig | None = None, round_to: int | None = None) -> nn.Module:
+          config: PlanConfig | None = None, round_to: int | None = None, latency_reduction: float | None = None,
+          latency_config: LatencyConfig | None = None) -> nn.Module:
     """Return a structurally pruned copy of ``model``; the input model is not modified.
 
     Args:
@@ -220,6 +234,12 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
         config: selection options (local or global ranking, normalization, rounding,
             per-group cap); see :class:`graphprune.PlanConfig`.
         round_to: shortcut for ``config.round_to``: keep a multiple of this many channels.
+        latency_reduction: instead of ``ratio``: the fraction of the measured median latency to
+            remove, in ``(0, 1)``; widths are chosen on a per-layer latency table of this device
+            and the pruned model is measured until it lands within ``latency_config.tolerance``
+            (2 points); ``pruned.graphprune_latency`` holds predicted vs measured
+            (:class:`graphprune.latency.LatencyRecord`). See :func:`graphprune.latency.plan_for_latency`.
+        latency_config: batch size, threads, cache file and tolerance for ``latency_reduction``.
 
     Returns:
         The pruned copy: it has physically fewer channels, heads and FLOPs.
@@ -245,7 +265,8 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
         ...
         graphprune.errors.InvalidArgumentError: scorer 'l1' has no option 'seed'; its options: none
     """
-    _check_arguments(model, ratio, flops_reduction, scorer, scorer_options, ignore, config)
+    _check_arguments(model, ratio, flops_reduction, scorer, scorer_options, ignore, config, latency_reduction)
     pruned = copy.deepcopy(model)
     return prune_(pruned, example_inputs, ratio=ratio, flops_reduction=flops_reduction, scorer=scorer,
-                  scorer_options=scorer_options, ignore=ignore, config=config, round_to=round_to)
+                  scorer_options=scorer_options, ignore=ignore, config=config, round_to=round_to,
+                  latency_reduction=latency_reduction, latency_config=latency_config)

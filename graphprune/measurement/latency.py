@@ -3,7 +3,11 @@
 Timing protocol (one place, so every number in the docs means the same thing):
 ``torch.inference_mode()``, eval mode, ``torch.set_num_threads(threads)``, the Python
 garbage collector paused, ``warmup`` untimed passes, then ``repeats`` passes each
-timed with ``time.perf_counter``. We report the median and the 10th/90th percentiles
+timed with ``torch.utils.benchmark``'s clock (``timeit.default_timer`` after synchronizing
+the accelerator, the clock ``torch.utils.benchmark.Timer`` uses; the op table of
+:mod:`graphprune.latency` times its ops with that ``Timer``). One reading per pass, not
+``Timer.timeit``: that runs untimed passes of its own before each reading, and the protocol
+fixes the count of passes (``warmup + repeats``). We report the median and the 10th/90th percentiles
 in milliseconds; the median is the headline, p10..p90 says how much to trust it.
 The thread count, mode and GC state are restored afterwards, even on error.
 """
@@ -13,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.benchmark.utils.timer import timer as benchmark_clock
 
 __all__ = [
     "ExampleInputs",
@@ -181,9 +185,9 @@ def measure_latency(
             for _ in range(warmup):
                 model(*inputs)
             for _ in range(repeats):
-                start = time.perf_counter()
+                start = benchmark_clock()
                 model(*inputs)
-                samples_ms.append((time.perf_counter() - start) * 1e3)
+                samples_ms.append((benchmark_clock() - start) * 1e3)
     finally:
         if gc_was_enabled:
             gc.enable()
