@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..scoring.registry import Registry
 from .discovery import Blocks
 from .gates import GateConfig, train_gates
 
@@ -43,8 +44,11 @@ def _gate(blocks: Blocks, model: nn.Module, *, data: Iterable | None = None, tea
     return {b.name: scores.get(b.name, float("inf")) for b in blocks}  # ungated blocks are never chosen
 
 
-BLOCK_SCORERS: dict[str, Callable[..., dict[str, float]]] = {"end_scale": _end_scale, "random": _random,
-                                                              "gate": _gate}
+BLOCK_REGISTRY: Registry[Callable[..., dict[str, float]]] = Registry("block scorer")
+BLOCK_REGISTRY.register("end_scale")(_end_scale)
+BLOCK_REGISTRY.register("random", seeded=True)(_random)
+BLOCK_REGISTRY.register("gate", needs_data=True)(_gate)
+BLOCK_SCORERS = BLOCK_REGISTRY.table  # the plain {name: scorer} dict, kept for code that reads it
 
 
 def block_scores(blocks: Blocks, model: nn.Module, method: str = "end_scale", **options: object) -> dict[str, float]:
@@ -65,8 +69,4 @@ def block_scores(blocks: Blocks, model: nn.Module, method: str = "end_scale", **
         >>> len(scores) == len(blocks), all(0 <= s <= 1 for s in scores.values())
         (True, True)
     """
-    try:
-        scorer = BLOCK_SCORERS[method]
-    except KeyError:
-        raise InvalidArgumentError(f"unknown block scorer {method!r}; known: {sorted(BLOCK_SCORERS)}") from None
-    return scorer(blocks, model, **options)
+    return BLOCK_REGISTRY.get(method)(blocks, model, **options)

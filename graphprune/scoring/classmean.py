@@ -133,7 +133,7 @@ def _check_means(means: object, num_classes: int, feat_dim: int) -> torch.Tensor
     return means
 
 
-@register_scorer("classmean")
+@register_scorer("classmean", needs_data=True)
 def classmean(groups: Groups, model: nn.Module, *, data: Iterable | None = None, reference: nn.Module | None = None,
               class_means: torch.Tensor | None = None, alignment_weight: float = 1.0,
               loss_fn: LossFn | None = None, feature_fn: FeatureFn | None = None, max_batches: int | None = None,

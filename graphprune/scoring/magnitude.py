@@ -11,6 +11,7 @@ from torch import nn
 
 from ..groups import ChannelGroup, Groups
 from .registry import Scores, register_scorer
+from .sums import add_member_
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -39,12 +40,7 @@ def member_norms(group: ChannelGroup, model: nn.Module, p: int,
         if member.name not in tensors:
             continue  # a buffer
         tensor = tensors[member.name].detach().to(torch.float64)  # before the sum, not after
-        power = tensor.abs() if p == 1 else tensor.square()
-        other = [d for d in range(tensor.dim()) if d != member.dim]
-        per_index = (power.sum(other) if other else power).cpu()
-        channel = torch.from_numpy(member.channel.copy())
-        valid = channel >= 0
-        score.index_add_(0, channel[valid], per_index[valid])
+        add_member_(score, member, tensor.abs() if p == 1 else tensor.square())
     return score
 
 

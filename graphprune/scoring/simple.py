@@ -7,11 +7,12 @@ from torch import nn
 
 from ..groups import Groups
 from .registry import Scores, register_scorer
+from .sums import add_member_
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-@register_scorer("random")
+@register_scorer("random", seeded=True)
 def random_scores(groups: Groups, model: nn.Module, *, seed: int = 0) -> Scores:
     """Uniform random scores from a seeded generator (a strong baseline after transfer).
 
@@ -51,11 +52,6 @@ def bn_scale(groups: Groups, model: nn.Module) -> Scores:
         for member in group.members:
             if not member.name.endswith(".weight") or not isinstance(modules.get(member.module), _NORMS):
                 continue
-            gamma = tensors[member.name].detach().to(torch.float64).abs()
-            if gamma.dim() > 1:
-                gamma = gamma.sum([d for d in range(gamma.dim()) if d != member.dim])
-            channel = torch.from_numpy(member.channel.copy())
-            valid = channel >= 0
-            score.index_add_(0, channel[valid], gamma[valid])
+            add_member_(score, member, tensors[member.name].detach().to(torch.float64).abs())
         scores[group.id] = score
     return scores

@@ -170,7 +170,7 @@ def fit_channel_scales(groups: Groups, model: nn.Module, *, data: Iterable | Non
                          alphas={gid: a.detach().float().cpu() for gid, a in alphas.items()})
 
 
-@register_scorer("target_taylor")
+@register_scorer("target_taylor", needs_data=True)
 def target_taylor(groups: Groups, model: nn.Module, *, data: Iterable | None = None, loss_fn: LossFn | None = None,
                   epochs: int = 1, lr: float = 0.01, max_batches: int | None = None, progress: bool = True,
                   device: str | torch.device | None = None) -> Scores:
@@ -203,11 +203,10 @@ def target_taylor(groups: Groups, model: nn.Module, *, data: Iterable | None = N
 
     Example:
         >>> import torch, graphprune as gp
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-        ...                           torch.nn.Linear(4 * 6 * 6, 2))
-        >>> groups = gp.find_groups(gp.trace(net, torch.randn(1, 3, 8, 8)))
-        >>> data = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))]
-        >>> target_taylor(groups, net, data=data, epochs=2, progress=False)[0].shape
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> groups = gp.find_groups(gp.trace(net, torch.randn(1, 3)))
+        >>> target_taylor(groups, net, data=[(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))], epochs=2,
+        ...               progress=False)[0].shape
         torch.Size([4])
     """
     return fit_channel_scales(groups, model, data=data, loss_fn=loss_fn, epochs=epochs, lr=lr,

@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..groups import ChannelGroup, Groups
+from ..groups import Groups
 from .data import Batch, LossFn, ScoringData, check_loss, left_as_found
 from .registry import Scores, register_scorer
+from .sums import channel_sums
 
 Step = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -76,39 +77,7 @@ def taylor_scores(groups: Groups, model: nn.Module, options: ScoringData, step: 
     return {g.id: channel_sums(g, per_name) for g in groups}
 
 
-def channel_sums(group: ChannelGroup, per_element: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum an elementwise quantity per channel over the group's members found in ``per_element``.
-
-    Args:
-        group: a :class:`graphprune.ChannelGroup`.
-        per_element: ``{parameter name: tensor of its shape}``; members not in it add nothing.
-
-    Returns:
-        float64 Tensor[group.size].
-
-    Example:
-        >>> import torch, graphprune as gp
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
-        >>> group = gp.find_groups(gp.trace(net, torch.randn(1, 2)))[0]
-        >>> ones = {name: torch.ones_like(p) for name, p in net.named_parameters()}
-        >>> channel_sums(group, ones).tolist()  # 2 weights + 1 bias in, 1 weight out, per channel
-        [4.0, 4.0, 4.0]
-    """
-    score = torch.zeros(group.size, dtype=torch.float64)
-    for member in group.members:
-        values = per_element.get(member.name)
-        if values is None:
-            continue
-        values = values.to(torch.float64)
-        other = [d for d in range(values.dim()) if d != member.dim]
-        per_index = values.sum(other) if other else values
-        channel = torch.from_numpy(member.channel.copy())
-        valid = channel >= 0
-        score.index_add_(0, channel[valid], per_index[valid])
-    return score
-
-
-@register_scorer("taylor")
+@register_scorer("taylor", needs_data=True)
 def taylor(groups: Groups, model: nn.Module, *, data: Iterable | None = None, loss_fn: LossFn | None = None,
            max_batches: int | None = None, progress: bool = True, device: str | torch.device | None = None) -> Scores:
     """First-order Taylor importance ``|w * dL/dw|`` on target data, every member included.
