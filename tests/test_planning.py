@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -124,3 +126,34 @@ def test_a_shape_attribute_of_a_submodule_follows_the_removed_heads() -> None:
     assert gp.AttrPatch("rel_pos", "bias_shape", (5, 5, 4), (5, 5, 2)) in plan.patches
     gp.apply_plan_(net, plan)
     assert net.rel_pos.bias_shape == (5, 5, 2) and net.heads == 2 and net(x).shape == (2, 5, 8)
+
+
+def passing_through(forward):
+    """A decorator like Hugging Face's ``@deprecate_kwarg``: the attributes are read in ``forward``."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+    return wrapper
+
+
+class DecoratedHeads(nn.Module):
+    """BiasedHeads' layers and forward, the forward behind a decorator (no parent class reads it)."""
+
+    def __init__(self, tokens: int = 5, heads: int = 4, head_dim: int = 3):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv, self.proj = nn.Linear(8, 3 * heads * head_dim), nn.Linear(heads * head_dim, 8)
+        self.rel_pos = BiasTable(tokens, heads)
+
+    forward = passing_through(BiasedHeads.forward)
+
+
+def test_attributes_read_by_a_decorated_forward_are_patched() -> None:
+    torch.manual_seed(0)
+    net, x = DecoratedHeads().eval(), torch.randn(2, 5, 8)
+    groups = gp.find_groups(gp.trace(net, x))
+    heads = next(g for g in groups.all if ("rel_pos.table", 1) in {(m.name, m.dim) for m in g.members})
+    plan = gp.make_plan(groups, removed={heads.id: (1, 2)})
+    assert gp.AttrPatch("", "heads", 4, 2) in plan.patches
+    gp.apply_plan_(net, plan)
+    assert net.heads == 2 and net(x).shape == (2, 5, 8)
