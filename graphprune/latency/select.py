@@ -9,7 +9,8 @@ the least importance lost per millisecond saved until the predicted time fits th
 A step that the table says saves nothing (a width below a multiple of the vector width that
 runs no faster) is never taken on its own: the move is to the next width that is faster.
 
-:func:`plan_for_latency` then measures each candidate end to end and refines the budget
+:func:`plan_for_latency` then measures each candidate end to end, in rounds alternating with the
+unpruned model (so a load that changes moves both), and refines the budget
 (a secant step, kept inside the bracket of budgets measured below and above the target)
 until the measured reduction is within ``tolerance`` of the target or ``max_steps`` is hit.
 """
@@ -32,6 +33,8 @@ from ..groups import Groups
 from ..plan import _NORMALIZERS, Plan, PlanConfig, _cap, _checked_scores, _keep_members_nonempty, make_plan
 from .predict import LatencyModel
 from .table import LatencyTable, OpSpec
+
+_ROUNDS = 3  # alternating rounds of the model and a trial per measured try
 
 __all__ = ["LatencyConfig", "LatencyRecord", "check_latency_reduction", "plan_for_latency", "select_for_latency"]
 
@@ -97,9 +100,10 @@ class LatencyRecord:
     Attributes:
         target: the requested reduction.
         predicted: the reduction the latency model predicted for the returned plan
-            (modelled milliseconds saved over the measured base time).
+            (modelled milliseconds saved over the measured base time of the same try).
         measured: the reduction measured end to end.
-        base_ms: measured median of the unpruned model.
+        base_ms: measured median of the unpruned model (in the rounds alternating with the
+            returned plan's model).
         pruned_ms: measured median of the returned plan's model.
         modelled_ms: the model's milliseconds for the unpruned model (the rest of ``base_ms``
             is width-independent: activations, pooling, framework overhead).
@@ -303,14 +307,24 @@ def plan_for_latency(model: nn.Module, groups: Groups, scores: Mapping[int, torc
     lm = LatencyModel(model, groups.graph, example, table, batch_size=latency.batch_size,
                       width_step=latency.width_step, grid_points=latency.grid_points)
 
-    def measure(net: nn.Module) -> float:
+    def measure(net: nn.Module, repeats: int) -> float:
         return measure_latency(net, example, batch_size=latency.batch_size, threads=threads,
-                               warmup=latency.warmup, repeats=latency.repeats).median_ms
+                               warmup=latency.warmup, repeats=repeats).median_ms
 
-    base_ms = measure(model)
+    def paired(trial: nn.Module) -> tuple[float, float]:
+        """Medians of the model and the trial, timed in alternating rounds: a load that
+        changes between the two (another process starting) moves both, not the ratio."""
+        per_round = max(3, -(-latency.repeats // _ROUNDS))
+        base, pruned = [], []
+        for _ in range(_ROUNDS):
+            base.append(measure(model, per_round))
+            pruned.append(measure(trial, per_round))
+        return float(np.median(base)), float(np.median(pruned))
+
+    base_ms = measure(model, latency.repeats)
     modelled = lm.predict_ms()
     steps: list[tuple[float, float, float]] = []
-    tries: list[tuple[float, Plan, float, float]] = []  # (|error|, plan, predicted, measured ms)
+    tries: list[tuple[float, Plan, float, float, float]] = []  # (|error|, plan, predicted, base ms, pruned ms)
     low, high = (0.0, 0.0), (1.0, 1.0)  # (budget, measured) bracketing the target
     budget = target
     exclude: frozenset[int] = frozenset()
@@ -321,11 +335,11 @@ def plan_for_latency(model: nn.Module, groups: Groups, scores: Mapping[int, torc
         applied, dropped = apply_verified_(trial, groups, make_plan(groups, removed=chosen), args)
         if dropped:  # plan again without the groups that break the model
             exclude = exclude | frozenset(dropped)
-        pruned_ms = measure(trial)
+        base_ms, pruned_ms = paired(trial)
         measured = 1.0 - pruned_ms / base_ms
         predicted = (modelled - ms) / base_ms
         steps.append((budget, predicted, measured))
-        tries.append((abs(measured - target), applied, predicted, pruned_ms))
+        tries.append((abs(measured - target), applied, predicted, base_ms, pruned_ms))
         if abs(measured - target) <= latency.tolerance and not dropped:
             break
         if measured < target:
@@ -339,7 +353,7 @@ def plan_for_latency(model: nn.Module, groups: Groups, scores: Mapping[int, torc
         budget = min(max(budget, low[0] + 1e-3), min(high[0], 0.99) - 1e-3)
         if budget * base_ms >= modelled:  # more than the modelled part can give
             budget = min(high[0], 0.99) - 1e-3
-    error, plan, predicted, pruned_ms = min(tries, key=lambda t: t[0])
+    error, plan, predicted, base_ms, pruned_ms = min(tries, key=lambda t: t[0])
     record = LatencyRecord(target, predicted, 1.0 - pruned_ms / base_ms, base_ms, pruned_ms, modelled,
                            error <= latency.tolerance, tuple(steps), latency.batch_size, threads, table.timed)
     if not record.reached:
