@@ -244,6 +244,8 @@ def _prune_target(args: argparse.Namespace) -> dict[str, Any]:
     target: dict[str, Any] = {"config": PlanConfig(scope=args.scope, round_to=args.round_to)}
     if args.flops_reduction is not None:
         target["flops_reduction"] = args.flops_reduction
+    elif getattr(args, "latency_reduction", None) is not None:
+        target["latency_reduction"] = args.latency_reduction
     else:
         target["ratio"] = args.ratio
     return target
@@ -296,7 +298,7 @@ def prune_in_stages(model: nn.Module, inputs: torch.Tensor, args: argparse.Names
     from .verify import check_coverage
 
     target = _prune_target(args)
-    api._check_target(target.get("ratio"), target.get("flops_reduction"))
+    api._check_target(target.get("ratio"), target.get("flops_reduction"), target.get("latency_reduction"))
     scorer = get_scorer(args.scorer)
     ignore = api._ignore_names(model, args.ignore or ())
     with paused_gc():
@@ -306,7 +308,16 @@ def prune_in_stages(model: nn.Module, inputs: torch.Tensor, args: argparse.Names
         groups = find_groups(graph, ignore=ignore, model=model)
         report(f"scoring {len(groups.all)} channel groups ({args.scorer})")
         scores = scorer(groups, model)
-        if args.flops_reduction is None:
+        if target.get("latency_reduction") is not None:
+            from .latency import plan_for_latency
+
+            report(f"planning for {args.latency_reduction:.0%} lower latency: timing layers, then measuring copies")
+            applied, record = plan_for_latency(model, groups, scores, [(inputs,)], args.latency_reduction,
+                                               target["config"])
+            report(f"predicted {record.predicted:.1%}, measured {record.measured:.1%} in {len(record.steps)} tries")
+            apply_plan_(model, applied)
+            model.graphprune_latency = record.to_dict()
+        elif args.flops_reduction is None:
             report(f"planning: {args.ratio:g} of each group's channels ({args.scope})")
             plan = make_plan(groups, scores, ratio=args.ratio, config=target["config"])
             report("removing and verifying that the pruned model runs")
@@ -341,7 +352,8 @@ def _cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     io.save(pruned, output, architecture=architecture)
     table = compare(before, after)
     return {"model": loaded.source, "output": str(output), "ratio": args.ratio,
-            "flops_reduction": args.flops_reduction, "scope": args.scope, "scorer": args.scorer,
+            "flops_reduction": args.flops_reduction, "latency_reduction": args.latency_reduction,
+            "latency_target": getattr(pruned, "graphprune_latency", None), "scope": args.scope, "scorer": args.scorer,
             "input_size": list(inputs.shape[1:]), "plans": len(getattr(pruned, api.HISTORY_ATTR, [])),
             "comparison": table.to_dict(), "_text": f"{table}\nsaved to {output}"}
 
@@ -418,6 +430,8 @@ def _add_prune(subparsers, common: argparse.ArgumentParser) -> None:
     target.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
     target.add_argument("--flops-reduction", type=float, metavar="F",
                         help="fraction of MACs to remove, in (0, 1); verified with fvcore to within 1 point")
+    target.add_argument("--latency-reduction", type=float, metavar="L",
+                        help="fraction of the measured CPU latency to remove, in (0, 1); measured to within 2 points")
     parser.add_argument("--scope", choices=("local", "global"), default="local",
                         help="local: same fraction of every group; global: one ranking over all groups")
     parser.add_argument("--round-to", type=int, default=1, metavar="N",

@@ -278,3 +278,26 @@ def test_prune_to_a_measured_latency_reduction() -> None:
     record = small.graphprune_latency
     assert abs(record["measured"] - 0.4) <= 0.05, record
     assert small(x).shape == (32, 512)
+
+
+def test_cli_latency_reduction_plans_measures_and_records(tmp_path, monkeypatch) -> None:
+    import timm
+
+    from graphprune.cli import Progress, build_parser, prune_in_stages
+
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
+    args = build_parser().parse_args(["prune", "test_resnet", "-o", str(tmp_path / "out"),
+                                      "--latency-reduction", "0.3"])
+    model = timm.create_model("test_resnet")
+    params = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a loaded machine may miss the 2 points
+        pruned = prune_in_stages(model, torch.randn(1, 3, 32, 32), args, Progress(enabled=False))
+    record = pruned.graphprune_latency
+    assert record["target"] == 0.3 and record["timings"] > 0 and 1 <= len(record["steps"]) <= 6
+    assert sum(p.numel() for p in pruned.parameters()) < params and pruned.graphprune_plans
+    assert (tmp_path / "latency.json").is_file()
+    from graphprune.cli import _UsageError
+
+    with pytest.raises(_UsageError, match="not allowed with argument --ratio"):  # one target only
+        build_parser().parse_args(["prune", "test_resnet", "-o", "x", "--ratio", "0.3", "--latency-reduction", "0.3"])
