@@ -18,7 +18,7 @@ from .graph import TraceGraph
 from .groups import ChannelGroup, Groups, Member, classifier_names, find_groups
 from .plan import AttrPatch, ParamEdit, Plan, PlanConfig, make_plan, removal_table, select_channels
 from .removal import apply_plan_
-from .scoring import SCORERS, get_scorer, register_scorer
+from .scoring import SCORERS, get_scorer, list_scorers, register_scorer
 from .tracer import trace
 
 from . import measurement  # noqa: E402  (gp.measurement.measure / compare)
@@ -32,6 +32,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AttrPatch", "ChannelGroup", "blocks", "GraphpruneError", "Groups", "InvalidArgumentError", "Member", "ParamEdit",
     "Plan", "PlanConfig", "PruneError", "SCORERS", "TraceGraph", "UnsupportedModelError", "UntracedCodeError", "apply_plan_", "classifier_names",
-    "find_groups", "get_scorer", "hf_contract", "load", "measurement", "save", "make_plan", "prune", "prune_", "prune_uniform", "register_scorer", "removal_table", "select_channels", "trace",
+    "find_groups", "get_scorer", "list_scorers", "hf_contract", "load", "measurement", "save", "make_plan", "prune", "prune_", "prune_uniform", "register_scorer", "removal_table", "select_channels", "trace",
     "uniform_selection",
 ]

@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import GraphpruneError, InvalidArgumentError
 from .plan import PlanConfig
-from .scoring import SCORERS
+from .scoring import list_scorers
 from .sources import RandomWeightsWarning
 
 PROG = "graphprune"
@@ -436,7 +436,7 @@ def _add_prune(subparsers, common: argparse.ArgumentParser) -> None:
                         help="local: same fraction of every group; global: one ranking over all groups")
     parser.add_argument("--round-to", type=int, default=1, metavar="N",
                         help="keep a multiple of N channels per group (default 1)")
-    parser.add_argument("--scorer", default="l1", help=f"channel importance, one of {', '.join(sorted(SCORERS))}; "
+    parser.add_argument("--scorer", default="l1", help=f"channel importance, one of {', '.join(list_scorers())}; "
                                                        "default l1")
     parser.add_argument("--ignore", action="append", metavar="NAME",
                         help="a module whose channels stay, with all coupled to them (repeat for more)")

@@ -26,10 +26,11 @@ import graphprune as gp
 import graphprune.scoring.classmean  # noqa: F401  (registers classmean)
 import graphprune.scoring.target_taylor  # noqa: F401  (registers target_taylor)
 import graphprune.scoring.taylor  # noqa: F401  (registers taylor)
+from graphprune.scoring import list_scorers
 from graphprune.scoring.classmean import class_means
 from graphprune.testing import pick_channels, zero_channels_
 
-DATA_SCORERS = ("taylor", "target_taylor", "classmean")
+DATA_SCORERS = tuple(list_scorers(needs_data=True))
 NORMS = (nn.BatchNorm2d, nn.LayerNorm)
 
 

@@ -21,6 +21,7 @@ from ..api import HISTORY_ATTR, prune_, record_plan
 from ..groups import classifier_names
 from ..plan import Plan
 from ..removal import apply_plan_
+from ..scoring import scorer_spec
 from ..scoring.classmean import class_means
 from .config import PruneConfig
 from .data import TransferData
@@ -31,10 +32,6 @@ from .finetune import measure_record
 from .records import StageRecord
 from .sparse import sparse_prune_
 
-# Scorers that read target data: the recipe passes them the training loader.
-DATA_SCORERS = frozenset({"taylor", "target_taylor", "classmean"})
-# Scorers with a seed option: the recipe passes the run's seed unless the config sets one.
-SEEDED_SCORERS = frozenset({"random"})
 
 
 def scorer_options(config: PruneConfig, data: Iterable, *, seed: int, progress: bool) -> dict:
@@ -45,11 +42,11 @@ def scorer_options(config: PruneConfig, data: Iterable, *, seed: int, progress: 
         {'seed': 3}
     """
     options = dict(config.scorer_options)
-    if config.scorer in DATA_SCORERS:
+    if scorer_spec(config.scorer).needs_data:  # the recipe passes them the training loader
         options.update(data=data, progress=progress)
         if config.scoring_batches is not None:
             options.setdefault("max_batches", config.scoring_batches)
-    if config.scorer in SEEDED_SCORERS:
+    if scorer_spec(config.scorer).seeded:  # the run's seed unless the config sets one
         options.setdefault("seed", seed)
     return options
 
