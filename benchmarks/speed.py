@@ -16,6 +16,13 @@ For each model and FLOPs budget (fraction of fvcore MACs removed), pruned copies
   budget, when the bracket is narrower than 0.001, or after ``Config.tp_steps`` steps, and
   keeps the closest copy.
 
+* graphprune by latency target: ``gp.prune(model, x, latency_reduction=budget,
+  latency_config=LatencyConfig(batch_size=b, threads=threads))``, the budget read as a fraction
+  of the measured latency at batch ``b`` (variant ``graphprune_latency:B``; its ``round_to``
+  column is empty, the planner keeps multiples of 8). ``latency_predicted`` and
+  ``latency_measured`` are what the prune itself predicted and measured; the row's latency
+  columns are this script's own interleaved timing.
+
 Then every copy of one model (the unpruned baseline included) is timed with
 ``graphprune.measurement.measure_latency`` (inference mode, eval, GC paused,
 ``torch.set_num_threads(threads)``) at batch 1 and batch 16, *interleaved*: ``--rounds``
@@ -28,7 +35,11 @@ speedup ``t_before / t_after`` (``compare``), MACs ratio ``macs_before / macs_af
 the speedup would be if time were proportional to MACs, the physical limit) and efficiency
 ``speedup / macs_ratio`` (issue 7 aims at >= 0.9 at batch 16 and >= 0.8 at batch 1). Every row
 records the environment and the 1-minute load average at start and end of the run and of the
-model's timing.
+model's timing; before each model's timing the run waits (up to ``max_wait_s``) for the load to
+fall below ``max_load`` (0.5) and records the wait (``waited_model_s``). With ``onnxruntime``
+installed, each copy is also exported (``torch.onnx.export``, static shapes) and timed in an
+``InferenceSession`` with ``intra_op_num_threads=threads`` (``ort_ms_b1``, ``ort_ms_b16``,
+``ort_speedup_b*``: what users deploy on CPU); ``--no-onnx`` skips it.
 
 Example:
     python benchmarks/speed.py --quick
@@ -64,11 +75,13 @@ COLUMNS = (
     "model", "budget", "tool", "round_to", "status", "error",
     "macs", "params", "macs_kept", "params_kept", "macs_reduction", "macs_ratio",
     "tp_ratio", "tp_steps", "prune_s",
+    "latency_batch", "latency_predicted", "latency_measured",
     "latency_ms_b1", "latency_ms_b1_p10", "latency_ms_b1_p90", "samples_b1",
     "latency_ms_b16", "latency_ms_b16_p10", "latency_ms_b16_p90", "samples_b16",
     "speedup_b1", "speedup_b16", "efficiency_b1", "efficiency_b16", "speedup_p10_b1", "speedup_p10_b16",
+    "ort_ms_b1", "ort_ms_b16", "ort_speedup_b1", "ort_speedup_b16",
     "input_size", "seed", "rounds", "repeats_b1", "repeats_b16", "threads",
-    "load_run_start", "load_run_end", "load_timing_start", "load_timing_end", "waited_s", "nice", "notes",
+    "load_run_start", "load_run_end", "load_timing_start", "load_timing_end", "waited_s", "waited_model_s", "nice", "notes",
     "torch", "timm", "torch_pruning", "graphprune", "python", "cpu", "date",
 )
 TARGET_EFFICIENCY = {1: 0.8, 16: 0.9}  # issue 7
@@ -76,11 +89,14 @@ TARGET_EFFICIENCY = {1: 0.8, 16: 0.9}  # issue 7
 
 @dataclass(frozen=True)
 class Config:
-    models: tuple[str, ...] = ("resnet50", "efficientnet_b0", "convnext_tiny", "vit_small_patch16_224")
+    models: tuple[str, ...] = ("resnet50", "efficientnet_b0", "convnext_tiny", "vit_small_patch16_224",
+                               "mobilenetv3_large_100")
     budgets: tuple[float, ...] = (0.3, 0.5)  # fraction of MACs removed
     # (tool, round_to) pairs; Torch-Pruning with round_to=8 is one flag away (--variants) but
     # costs a long ratio search (its MACs move in steps), so it is not in the default run
-    variants: tuple[tuple[str, int], ...] = (("graphprune", 1), ("graphprune", 8), ("torch_pruning", 1))
+    # graphprune_latency:B: the latency target at batch B (the int is the batch, not a round_to)
+    variants: tuple[tuple[str, int], ...] = (("graphprune", 1), ("graphprune", 8), ("torch_pruning", 1),
+                                             ("graphprune_latency", 1), ("graphprune_latency", 16))
     threads: int = 2  # torch.set_num_threads, fixed for the whole run
     rounds: int = 5  # interleaved timing rounds (see the module docstring)
     repeats_b1: int = 6  # timed passes per copy per round at batch 1
@@ -88,9 +104,10 @@ class Config:
     seed: int = 0
     tp_tolerance: float = 0.005  # stop the Torch-Pruning ratio search this close to the budget
     tp_steps: int = 12  # at most this many Torch-Pruning prunes per search
-    max_load: float = 1.5  # wait at start while the 1-minute load average is above this ...
+    max_load: float = 0.5  # wait at start and before each model's timing while the load is above this ...
     max_wait_s: float = 600.0  # ... for at most this long, checking every 30 s
     nice: int = 0  # added to this process's niceness (every thread); < 0 needs root, see README
+    onnx: bool = True  # also time every copy in ONNX Runtime (skipped when it is not installed)
 
 
 QUICK = Config(models=("resnet50", "vit_small_patch16_224"), budgets=(0.3,), rounds=3, repeats_b1=5,
@@ -150,6 +167,45 @@ def prune_graphprune(model, x, budget: float, round_to: int, row: dict):
     # no ignore: the classifier's outputs are model outputs, frozen by the graph itself, and its
     # inputs stay prunable, as with Torch-Pruning's ignored_layers
     return gp.prune(model, x, flops_reduction=budget, scorer="l1", config=gp.PlanConfig(round_to=round_to))
+
+
+def prune_graphprune_latency(model, x, budget: float, batch: int, row: dict, cfg: Config):
+    import graphprune as gp
+    from graphprune.latency import LatencyConfig
+
+    pruned = gp.prune(model, x, latency_reduction=budget, scorer="l1",
+                      latency_config=LatencyConfig(batch_size=batch, threads=cfg.threads))
+    record = pruned.graphprune_latency
+    row.update(latency_batch=batch, latency_predicted=record["predicted"], latency_measured=record["measured"])
+    if not record["reached"]:
+        row["notes"] += f"prune measured {record['measured']:.3f} after {len(record['steps'])} tries; "
+    return pruned
+
+
+def ort_latency(model, x, batch: int, threads: int, rounds: int, repeats: int) -> float:
+    """Median ms of ``model`` exported to ONNX and run by onnxruntime's CPU provider."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    inputs = x.repeat(batch, *([1] * (x.dim() - 1)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        with torch.no_grad():
+            torch.onnx.export(model, (inputs,), str(path), input_names=["x"], dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"x": inputs.numpy()}
+    session.run(None, feed)  # untimed: allocation, kernel selection
+    samples = []
+    for _ in range(rounds * repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(samples))
 
 
 def _tp_prune_copy(model, x, ratio: float, round_to: int):
@@ -235,6 +291,9 @@ def run_model(name: str, cfg: Config, common: dict) -> list[dict]:
             try:
                 if tool == "graphprune":
                     pruned = prune_graphprune(model, x, budget, round_to, row)
+                elif tool == "graphprune_latency":
+                    row["round_to"] = ""
+                    pruned = prune_graphprune_latency(model, x, budget, round_to, row, cfg)
                 else:
                     pruned = prune_torch_pruning(model, x, budget, round_to, row, cfg)
                 row["prune_s"] = round(time.perf_counter() - start, 1)
@@ -254,6 +313,7 @@ def run_model(name: str, cfg: Config, common: dict) -> list[dict]:
                   flush=True)
     measured = {i: measure(m, x, latency=False, threads=cfg.threads) for i, m in copies.items()}
 
+    waited_model = wait_for_quiet(cfg)
     load_start = load1()
     latency = {}
     for batch, repeats in zip(BATCHES, (cfg.repeats_b1, cfg.repeats_b16)):
@@ -261,12 +321,31 @@ def run_model(name: str, cfg: Config, common: dict) -> list[dict]:
         latency[batch] = time_interleaved(copies, x, batch, repeats, cfg)
         print(f"  {name}: batch {batch} timed in {time.perf_counter() - t0:.0f} s", flush=True)
     load_end = load1()
+    ort = {}
+    if cfg.onnx:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            print("  onnxruntime not installed: no ONNX Runtime columns", flush=True)
+        else:
+            for i, m in copies.items():
+                for batch, repeats in zip(BATCHES, (cfg.repeats_b1, cfg.repeats_b16)):
+                    try:
+                        ort[i, batch] = ort_latency(m, x, batch, cfg.threads, cfg.rounds, repeats)
+                    except Exception as error:  # an export failure is a note, not a lost row
+                        rows[i]["notes"] = (rows[i].get("notes") or "") + \
+                            f"onnx b{batch}: {type(error).__name__}: {str(error).splitlines()[0][:120]}; "
 
     for i, m in measured.items():
         row = rows[i]
         row.update(macs=m.macs, params=m.params, macs_kept=m.macs / base.macs, params_kept=m.params / base.params,
                    macs_reduction=1 - m.macs / base.macs, macs_ratio=base.macs / m.macs,
-                   load_timing_start=load_start, load_timing_end=load_end)
+                   load_timing_start=load_start, load_timing_end=load_end, waited_model_s=waited_model)
+        for batch in BATCHES:
+            if (i, batch) in ort:
+                row[f"ort_ms_b{batch}"] = ort[i, batch]
+                if (0, batch) in ort:
+                    row[f"ort_speedup_b{batch}"] = ort[0, batch] / ort[i, batch]
         for batch in BATCHES:
             samples = latency[batch][i]
             median = statistics.median(samples)
@@ -278,7 +357,12 @@ def run_model(name: str, cfg: Config, common: dict) -> list[dict]:
             speedup = compare(before, after).row("latency_ms").speedup_x
             row.update({f"speedup_b{batch}": speedup, f"efficiency_b{batch}": speedup / row["macs_ratio"],
                         f"speedup_p10_b{batch}": _percentile(latency[batch][0], 0.1) / row[f"latency_ms_b{batch}_p10"]})
-        if i and abs(row["macs_reduction"] - row["budget"]) > 0.01:
+        if row["tool"] == "graphprune_latency":  # its budget is latency at its own batch, timed here
+            batch = int(row["latency_batch"])
+            reduction = 1 - row[f"latency_ms_b{batch}"] / statistics.median(latency[batch][0])
+            if abs(reduction - row["budget"]) > 0.02:
+                row["notes"] = (row.get("notes") or "") + f"latency reduction here {reduction:.3f} at batch {batch}; "
+        elif i and abs(row["macs_reduction"] - row["budget"]) > 0.01:
             row["notes"] = (row.get("notes") or "") + f"MACs reduction {row['macs_reduction']:.3f} misses the budget; "
     del copies, model
     gc.collect()
@@ -315,6 +399,11 @@ def _num(value) -> float:
         return math.nan
 
 
+def _round_cell(row: dict) -> str:
+    """round_to, or for a latency-targeted row the batch its target was measured at (b1, b16)."""
+    return row["round_to"] or (f"b{row['latency_batch']}" if row.get("latency_batch") else "")
+
+
 def summarize(rows: list[dict]) -> str:
     """The table of the issue: model, budget, tool, round_to, kept fractions, speedups, efficiencies."""
     env = rows[0]
@@ -325,13 +414,13 @@ def summarize(rows: list[dict]) -> str:
              "targets: eff >= 0.8 at batch 1, >= 0.9 at batch 16; p10 sp = the same speedup from the "
              "10th-percentile latencies (less sensitive to background load)",
              "",
-             f"{'model':<23}{'budget':>6} {'tool':<14}{'round':>5}{'MACs kept':>10}{'params kept':>12}"
+             f"{'model':<23}{'budget':>6} {'tool':<19}{'round':>5}{'MACs kept':>10}{'params kept':>12}"
              f"{'ms b1':>9}{'ms b16':>9}{'speedup b1':>11}{'speedup b16':>12}{'eff b1':>8}{'eff b16':>8}"
              f"{'p10 sp b1':>10}{'p10 sp b16':>11}  notes"]
     hits = {b: [0, 0] for b in BATCHES}
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"{r['model']:<23}{_num(r['budget']):>6.2f} {r['tool']:<14}{r['round_to']:>5}  "
+            lines.append(f"{r['model']:<23}{_num(r['budget']):>6.2f} {r['tool']:<19}{_round_cell(r):>5}  "
                          f"failed: {r['error'][:90]}")
             continue
         cells = []
@@ -341,7 +430,7 @@ def summarize(rows: list[dict]) -> str:
                 hits[b][0] += eff >= TARGET_EFFICIENCY[b]
                 hits[b][1] += 1
             cells.append(f"{eff:.2f}" + ("" if r["tool"] == "baseline" or eff >= TARGET_EFFICIENCY[b] else "*"))
-        lines.append(f"{r['model']:<23}{_num(r['budget']):>6.2f} {r['tool']:<14}{r['round_to']:>5}"
+        lines.append(f"{r['model']:<23}{_num(r['budget']):>6.2f} {r['tool']:<19}{_round_cell(r):>5}"
                      f"{_num(r['macs_kept']):>10.3f}{_num(r['params_kept']):>12.3f}"
                      f"{_num(r['latency_ms_b1']):>9.1f}{_num(r['latency_ms_b16']):>9.1f}"
                      f"{_num(r['speedup_b1']):>11.2f}{_num(r['speedup_b16']):>12.2f}{cells[0]:>8}{cells[1]:>8}"
@@ -363,7 +452,7 @@ def plot(rows: list[dict], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     colors = dict(zip(models, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
     markers = {("graphprune", "1"): "o", ("graphprune", "8"): "s", ("torch_pruning", "1"): "^",
-               ("torch_pruning", "8"): "v"}
+               ("torch_pruning", "8"): "v", ("graphprune_latency", ""): "D"}
     x_top = max([_num(r["macs_ratio"]) for r in ok] + [1.5]) * 1.1
     y_top = max([x_top] + [min(_num(r[f"speedup_b{b}"]), 2 * x_top) for r in ok for b in BATCHES]) * 1.05
     y_low = min([0.7] + [_num(r[f"speedup_b{b}"]) for r in ok for b in BATCHES]) * 0.9
@@ -386,7 +475,8 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].set_ylabel("latency speedup (median before / after)")
     handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="none", label=m) for m in models]
     handles += [plt.Line2D([], [], color="gray", marker=mk, ls="none", mfc="none" if t == "torch_pruning" else "gray",
-                           label=f"{'graphprune' if t == 'graphprune' else 'Torch-Pruning'} round_to={r}")
+                           label={"graphprune": f"graphprune round_to={r}", "torch_pruning": f"Torch-Pruning round_to={r}"}.get(
+                               t, "graphprune latency target"))
                 for (t, r), mk in markers.items() if any((x["tool"], x["round_to"]) == (t, r) for x in ok)]
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=4, frameon=False)
     env = rows[0]
@@ -419,8 +509,9 @@ def run(cfg: Config, out: Path, nice: int) -> None:
 
 def _variant(text: str) -> tuple[str, int]:
     tool, _, round_to = text.partition(":")
-    if tool not in ("graphprune", "torch_pruning") or not round_to.isdigit() or int(round_to) < 1:
-        raise SystemExit(f"bad variant {text!r}: expected graphprune:N or torch_pruning:N, N >= 1")
+    if tool not in ("graphprune", "torch_pruning", "graphprune_latency") or not round_to.isdigit() or int(round_to) < 1:
+        raise SystemExit(f"bad variant {text!r}: expected graphprune:N, torch_pruning:N (N = round_to) "
+                         "or graphprune_latency:B (B = batch), >= 1")
     return tool, int(round_to)
 
 
@@ -431,8 +522,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", help="timm model names")
     parser.add_argument("--budgets", nargs="+", type=float, help="MACs reductions, e.g. 0.3 0.5")
     parser.add_argument("--variants", nargs="+", metavar="TOOL:ROUND_TO",
-                        help="e.g. graphprune:1 graphprune:8 torch_pruning:1 torch_pruning:8")
+                        help="e.g. graphprune:1 graphprune:8 torch_pruning:1 torch_pruning:8 "
+                             "graphprune_latency:1 graphprune_latency:16")
     parser.add_argument("--rounds", type=int)
+    parser.add_argument("--threads", type=int, help="torch threads for the whole run (default 2)")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false", default=None,
+                        help="skip the ONNX Runtime columns")
+    parser.add_argument("--max-load", type=float, help="wait while the 1-minute load is above this (default 0.5)")
     parser.add_argument("--max-wait", type=float, help="seconds to wait for the load to drop (default 600)")
     parser.add_argument("--nice", type=int, help="add to the process niceness, e.g. -10 on a shared machine (root)")
     parser.add_argument("--out", type=Path, help="CSV (default results/speed.csv, or speed_quick.csv)")
@@ -442,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = QUICK if args.quick else Config()
     overrides = {"models": args.models and tuple(args.models), "budgets": args.budgets and tuple(args.budgets),
                  "variants": args.variants and tuple(_variant(v) for v in args.variants),
-                 "rounds": args.rounds, "max_wait_s": args.max_wait, "nice": args.nice}
+                 "rounds": args.rounds, "max_wait_s": args.max_wait, "nice": args.nice, "onnx": args.onnx, "threads": args.threads,
+                 "max_load": args.max_load}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     out = args.out or RESULTS / ("speed_quick.csv" if args.quick else "speed.csv")
     if not args.replot:
