@@ -209,7 +209,8 @@ class LatencyModel:
             self.skipped[name] = f"normalized_shape {tuple(module.normalized_shape)} is not 1-d"
             return None
         c = weight.shape[0]
-        spatial = tuple(shape[2:]) if kind == "batch_norm" else tuple(shape[1:-1])
+        channels_first = kind == "batch_norm" or (len(shape) > 2 and shape[-1] != c and shape[1] == c)
+        spatial = tuple(shape[2:]) if channels_first else tuple(shape[1:-1])  # timm's LayerNorm2d: (B, C, H, W)
         spec = OpSpec(kind, c, c, batch, spatial, dtype=dtype, device=device)
         widths, times = self._sweep(spec, width_grid(c, step, points), lambda w: spec.with_widths(w, w))
         return Layer(name, spec, (self._classes(info.dims[0], c),), "norm", [(widths, times)], times[-1])
