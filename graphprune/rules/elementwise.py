@@ -43,7 +43,8 @@ def broadcast_info(ctx: Context, inputs: list, shape: tuple[int, ...]) -> Tensor
 def _unary(ctx: Context, call: Call) -> list[TensorInfo]:
     source = call.tensor_args[0]
     if "softmax" in call.name:  # softmax of zeros is uniform, not zero: zeroing is visible downstream
-        _mark_softmax_dim(ctx, call, source)
+        for dim in ctx.info(source).dims:
+            ctx.store.mark_statistic(dim)
     infos = []
     for out in call.outputs:
         if out.shape == source.shape:
@@ -51,18 +52,6 @@ def _unary(ctx: Context, call: Call) -> list[TensorInfo]:
         else:
             infos.append(broadcast_info(ctx, [source], tuple(out.shape)))
     return infos
-
-
-def _mark_softmax_dim(ctx: Context, call: Call, source) -> None:
-    """Only the dim softmax normalizes over is a statistic; every other dim indexes independent
-    rows (attention heads, tokens). Without a ``dim`` (deprecated implicit ``F.softmax``), all are."""
-    dims = ctx.info(source).dims
-    dim = call.arg(1, "dim")
-    if isinstance(dim, int) and not isinstance(dim, bool) and -len(dims) <= dim < len(dims):
-        ctx.store.mark_statistic(dims[dim])
-        return
-    for elems in dims:
-        ctx.store.mark_statistic(elems)
 
 
 def _nary(ctx: Context, call: Call) -> list[TensorInfo]:
