@@ -593,12 +593,48 @@ def plot(rows: list[dict], path: Path) -> None:
 DOCS_FIGURE = Path(__file__).resolve().parents[1] / "docs" / "img" / "transfer.png"
 
 
+def tables_markdown(rows: list[dict]) -> str:
+    """One markdown table per task (mean ± std over seeds) and its targets: the README's block."""
+    parts = []
+    for task in sorted(dict.fromkeys(r["task"] for r in rows), key=_task_rank):
+        entries = aggregate([r for r in rows if r["task"] == task])
+        lines = [f"`{task}`:", "", "| recipe | variant | budget | test accuracy | n | val accuracy | measured reduction "
+                 "| MACs | params | training GMACs |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for e in entries:
+            budget = f"{e['budget']:.0%}" if e["budget"] else "–"
+            if not e["seeds"]:
+                lines.append(f"| {e['recipe']} | {e['variant']} | {budget} | failed: {e['error'][:80]} | 0 "
+                             "| | | | | |")
+                continue
+            lines.append(f"| {e['recipe']} | {e['variant']} | {budget} | {e['test_accuracy']:.3f} ± "
+                         f"{e['test_accuracy_std']:.3f} | {e['seeds']} | {e['val_accuracy']:.3f} | "
+                         f"{e['flops_reduction']:.3f} | {e['macs'] / 1e6:.1f} M | {e['params'] / 1e6:.3f} M | "
+                         f"{e.get('train_gmacs', 0):.0f} |")
+        lines += ["", *("* " + t.strip() for t in targets_text(entries))]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+README_BLOCK = ("<!-- transfer-tables:begin (benchmarks/transfer.py --report writes this block) -->",
+                "<!-- transfer-tables:end -->")
+
+
+def update_readme(rows: list[dict], readme: Path = Path(__file__).resolve().parent / "README.md") -> None:
+    """Replace the block between the README's markers with :func:`tables_markdown` (no hand-copied figure)."""
+    text = readme.read_text()
+    begin, end = README_BLOCK
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        readme.write_text(head + begin + "\n\n" + tables_markdown(rows) + "\n" + end + rest.split(end, 1)[1])
+
+
 def report(out: Path) -> None:
     rows = read_rows(out)
     plot(rows, out.with_suffix(".png"))
     if out.resolve() == (RESULTS / "transfer.csv").resolve():  # the committed run is the docs' figure
         DOCS_FIGURE.parent.mkdir(parents=True, exist_ok=True)
         DOCS_FIGURE.write_bytes(out.with_suffix(".png").read_bytes())
+        update_readme(rows)
     summary = out.with_name(out.stem + "_summary.txt")
     summary.write_text(summary_text(rows))
     print(summary.read_text())
