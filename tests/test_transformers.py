@@ -117,13 +117,15 @@ def test_gqa_zero_then_remove_is_exact(family: str, attn: str) -> None:
     assert scale > 0.1 and diff < 1e-12, (diff, scale)
 
 
-@pytest.mark.xfail(strict=True, reason="open defect: the eager path multiplies the logits by scaling = "
-                   "16 ** -0.5 = 0.25 = 1 / (4 heads read from query.shape), and rules/shape_numbers.py freezes "
-                   "a count read from a shape that equals a number argument, so the heads freeze")
 def test_gqa_eager_heads_of_16_with_4_heads() -> None:
+    """The eager path multiplies the logits by ``scaling = 16 ** -0.5 = 0.25``, equal to 1 / (4 heads
+    read from a shape) but set in ``__init__``: not a count used as a number, so the heads stay prunable."""
     model = _decoder("llama", attn="eager", head_dim=16)
     groups = gp.find_groups(gp.trace(model, _ids()), model=model)
     assert _attention_group(groups, 0).prunable.all()
+    diff, scale, plan = _zero_then_remove(model, _ids(), exact_only=False)  # heads too (see above)
+    assert any(e.name == "layers.0.self_attn.k_proj.weight" for e in plan.edits)
+    assert scale > 0.1 and diff < 1e-12, (diff, scale)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
