@@ -157,3 +157,23 @@ def test_attributes_read_by_a_decorated_forward_are_patched() -> None:
     assert gp.AttrPatch("", "heads", 4, 2) in plan.patches
     gp.apply_plan_(net, plan)
     assert net.heads == 2 and net(x).shape == (2, 5, 8)
+
+
+@pytest.mark.xfail(strict=True, reason="open defect: attribute patches tie nf to the input view's size by value "
+                   "(x.size(-1) == self.nf == 64); refusing a value another op of the module keeps made eva02 lose "
+                   "a group to verification, so the evidence must come from the trace (which op read the attribute)")
+def test_a_square_conv1d_keeps_its_output_width() -> None:
+    """GPT-2's attention ``c_proj`` is square (nf == nx == 64): its input view ``(-1, x.size(-1))``
+    shrinks with the heads, its output view ``(..., self.nf)`` does not, so ``nf`` is not patched."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_head=4, n_layer=1, n_positions=16, vocab_size=50,
+                                     bos_token_id=0, eos_token_id=0)
+    model, ids = transformers.GPT2Model(config).eval(), torch.randint(0, 50, (1, 8))
+    groups = gp.find_groups(gp.trace(model, ids), model=model)
+    plan = gp.make_plan(groups, gp.get_scorer("l1")(groups, model), ratio=0.5)
+    patched = {(p.module, p.attr): (p.old, p.new) for p in plan.patches}
+    assert patched[("h.0.attn.c_attn", "nf")] == (192, 96) and patched[("h.0.attn", "split_size")] == (64, 32)
+    assert ("h.0.attn.c_proj", "nf") not in patched  # was 64 -> 32
+    gp.apply_plan_(model, plan)
+    assert model.h[0].attn.c_proj.nf == 64 and model(ids).last_hidden_state.shape == (1, 8, 64)
