@@ -575,8 +575,6 @@ def _attribute_patches(graph, gone: np.ndarray) -> tuple[AttrPatch, ...]:
                 out_sizes_new.append(new)
                 if old != new and old in op.int_args:
                     changes[old] = new
-        for old in _ambiguous(changes, out_sizes_old, out_sizes_new):
-            del changes[old]
         if op.name.startswith("torch.nn.functional.conv") and dict(op.module_ints).get("groups", 1) > 1:
             _conv_groups_patch(op, patches, out_sizes_old, out_sizes_new)
             continue
@@ -589,13 +587,6 @@ def _attribute_patches(graph, gone: np.ndarray) -> tuple[AttrPatch, ...]:
             elif isinstance(value, (list, tuple)) and list(value) == out_sizes_old and out_sizes_old != out_sizes_new:
                 patches.setdefault((op.module, attr), AttrPatch(op.module, attr, tuple(value), tuple(out_sizes_new)))
     return tuple(patches.values())
-
-
-def _ambiguous(changes: dict[int, int], old_sizes: list[int], new_sizes: list[int]) -> list[int]:
-    """Changed sizes an integer argument cannot be tied to: another output dim of the same size keeps
-    it (8 heads of 8: the heads shrink, the head dim stays), or two dims of that size change differently."""
-    return [old for old, new in changes.items()
-            if any(o == old and n != new for o, n in zip(old_sizes, new_sizes))]
 
 
 def _shape_attribute_patches(op, graph, gone: np.ndarray, shapes: dict, patches: dict) -> None:

@@ -67,7 +67,6 @@ def _methods_names(cls: type) -> frozenset[str] | None:
             if name == "__init__":
                 continue
             value = getattr(value, "__func__", value)  # static and class methods
-            value = inspect.unwrap(value) if inspect.isfunction(value) else value  # @functools.wraps decorators
             if isinstance(value, property):
                 value = value.fget
             code = getattr(value, "__code__", None)
