@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 from ..errors import InvalidArgumentError
 
@@ -147,6 +146,8 @@ def time_op(spec: OpSpec, threads: int, min_run_time: float = 0.01) -> float:
         True
     """
     fn = _op_callable(spec)
+    from torch.utils import benchmark  # here: it loads cpp_extension, which warns without CUDA at import
+
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     with torch.inference_mode():
         timer.timeit(3)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.benchmark.utils.timer import timer as benchmark_clock
 
 __all__ = [
     "ExampleInputs",
@@ -174,6 +173,10 @@ def measure_latency(
     threads = previous_threads if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    # torch.utils.benchmark's clock, imported here: importing it loads torch.utils.cpp_extension,
+    # which warns about CUDA_HOME on machines without CUDA, and `import graphprune` must stay quiet
+    from torch.utils.benchmark.utils.timer import timer as benchmark_clock
+
     inputs = repeat_batch(example_inputs, batch_size)
     gc_was_enabled = gc.isenabled()
     samples_ms: list[float] = []
