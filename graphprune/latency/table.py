@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from ..measurement.latency import torch_benchmark
 
 __all__ = ["CACHE_ENV_VAR", "LatencyTable", "OpSpec", "default_cache_path", "device_name", "time_op"]
 
@@ -146,9 +147,7 @@ def time_op(spec: OpSpec, threads: int, min_run_time: float = 0.01) -> float:
         True
     """
     fn = _op_callable(spec)
-    from torch.utils import benchmark  # here: it loads cpp_extension, which warns without CUDA at import
-
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    timer = torch_benchmark().Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     with torch.inference_mode():
         timer.timeit(3)
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3

@@ -36,6 +36,26 @@ __all__ = [
 ExampleInputs = Tensor | Sequence[Tensor]
 
 
+def torch_benchmark():
+    """``torch.utils.benchmark``, imported quietly: importing it loads ``torch.utils.cpp_extension``,
+    whose logger warns about ``CUDA_HOME`` on machines without CUDA, on every fresh process.
+
+    Example:
+        >>> torch_benchmark().Timer.__name__
+        'Timer'
+    """
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        logger.setLevel(level)
+    return benchmark
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Puts ``model`` in eval mode and restores every submodule's own flag on exit.
@@ -173,9 +193,7 @@ def measure_latency(
     threads = previous_threads if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    # torch.utils.benchmark's clock, imported here: importing it loads torch.utils.cpp_extension,
-    # which warns about CUDA_HOME on machines without CUDA, and `import graphprune` must stay quiet
-    from torch.utils.benchmark.utils.timer import timer as benchmark_clock
+    benchmark_clock = torch_benchmark().utils.timer.timer
 
     inputs = repeat_batch(example_inputs, batch_size)
     gc_was_enabled = gc.isenabled()
