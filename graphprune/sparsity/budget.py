@@ -105,6 +105,23 @@ def _kernel_counts(layers: dict[str, tuple[int, int, int]], wanted: float) -> di
     return best
 
 
+def _kernel_budget(model: nn.Module, example_inputs, flops_reduction: float, ignore: Iterable[str] | None):
+    """The checked target, the MAC count, the dense convs, their ``(macs, in, out)`` and the
+    kernels per output channel that remove ``flops_reduction`` of the MACs; refuses a budget
+    beyond one kernel per output."""
+    target = check_reduction(flops_reduction)
+    count = analyze_macs(model, example_inputs)
+    convs = dense_convs(model, ignore)
+    layers = {name: (count.macs_by_module.get(name, 0), conv.in_channels, conv.out_channels)
+              for name, conv in convs.items()}
+    wanted = target * count.macs
+    most = _removed(layers, _counts_at(layers, 0.0))
+    if wanted > most:
+        raise InvalidArgumentError(f"the dense convs can give at most {most / count.macs:.3f} of the MACs "
+                                   f"(one kernel per output), less than flops_reduction={target}")
+    return target, count, convs, layers, _kernel_counts(layers, wanted)
+
+
 def kernel_prune_to_flops_(model: nn.Module, example_inputs, flops_reduction: float, *, signal: str = "magnitude",
                            ignore: Iterable[str] | None = None, seed: int = 0) -> tuple[KernelPlan, BudgetResult]:
     """Kernel-prune every dense conv, about one keep ratio for all, so that ``flops_reduction`` of the MACs go.
@@ -121,17 +138,7 @@ def kernel_prune_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
         >>> abs(result.flops_reduction - 0.5) < 0.005
         True
     """
-    target = check_reduction(flops_reduction)
-    count = analyze_macs(model, example_inputs)
-    convs = dense_convs(model, ignore)
-    layers = {name: (count.macs_by_module.get(name, 0), conv.in_channels, conv.out_channels)
-              for name, conv in convs.items()}
-    wanted = target * count.macs
-    most = _removed(layers, _counts_at(layers, 0.0))
-    if wanted > most:
-        raise InvalidArgumentError(f"the dense convs can give at most {most / count.macs:.3f} of the MACs "
-                                   f"(one kernel per output), less than flops_reduction={target}")
-    counts = _kernel_counts(layers, wanted)
+    target, count, _, layers, counts = _kernel_budget(model, example_inputs, flops_reduction, ignore)
     plan = kernel_prune_(model, counts, signal=signal, seed=seed)
     after = count_macs(model, example_inputs)
     kept = sum(counts[n] * layers[n][2] for n in counts) / sum(cin * cout for _, cin, cout in layers.values())
@@ -155,17 +162,8 @@ def kernel_masks_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
         >>> count_macs(model, x) == result.macs_after
         True
     """
-    target = check_reduction(flops_reduction)
-    count = analyze_macs(model, example_inputs)
-    convs = dense_convs(model, ignore)
-    layers = {name: (count.macs_by_module.get(name, 0), conv.in_channels, conv.out_channels)
-              for name, conv in convs.items()}
-    wanted = target * count.macs
-    most = _removed(layers, _counts_at(layers, 0.0))
-    if wanted > most:
-        raise InvalidArgumentError(f"the dense convs can give at most {most / count.macs:.3f} of the MACs "
-                                   f"(one kernel per output), less than flops_reduction={target}")
-    counts = kernel_masks_(model, _kernel_counts(layers, wanted), signal=signal, seed=seed)
+    target, count, convs, layers, wanted_counts = _kernel_budget(model, example_inputs, flops_reduction, ignore)
+    counts = kernel_masks_(model, wanted_counts, signal=signal, seed=seed)
     after = effective_macs(model, example_inputs, {name: convs[name] for name in counts})
     kept = sum(counts[n] * layers[n][2] for n in counts) / sum(cin * cout for _, cin, cout in layers.values())
     return counts, BudgetResult("kernel", target, 1.0 - after / count.macs, count.macs, after, 1.0 - kept)
