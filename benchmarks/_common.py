@@ -159,3 +159,18 @@ def tp_prune_to_budget(model, x, importance, budget: float, ignored: list[str], 
     pruned, ratio, _ = search_ratio(trial, lambda m: count_macs(m, x), count_macs(model, x), budget,
                                     tolerance=tolerance, max_steps=max_steps)
     return pruned, ratio
+
+
+def write_report(out: Path, rows: list[dict], *, committed: Path, docs_figure: Path, plot, summary_text) -> bool:
+    """Draw ``out``'s PNG (copied to ``docs_figure`` when ``out`` is the ``committed`` CSV) and write
+    its ``_summary.txt``; True when ``out`` is the committed run."""
+    plot(rows, out.with_suffix(".png"))
+    is_committed = out.resolve() == committed.resolve()
+    if is_committed:  # the committed run is the docs' figure
+        docs_figure.parent.mkdir(parents=True, exist_ok=True)
+        docs_figure.write_bytes(out.with_suffix(".png").read_bytes())
+    summary = out.with_name(out.stem + "_summary.txt")
+    summary.write_text(summary_text(rows))
+    print(summary.read_text())
+    print(f"wrote {out.with_suffix('.png')} and {summary}")
+    return is_committed

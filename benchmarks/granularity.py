@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graphprune.recipes as R  # noqa: E402
-from _common import environment_columns  # noqa: E402
+from _common import environment_columns, write_report  # noqa: E402
 from graphprune import sparsity as sp  # noqa: E402
 from graphprune.assets import shared_data_dir  # noqa: E402
 from graphprune.groups import classifier_names  # noqa: E402
@@ -320,15 +320,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def report(out: Path) -> None:
-    rows = read_rows(out)
-    plot(rows, out.with_suffix(".png"))
-    if out.resolve() == (RESULTS / "granularity.csv").resolve():  # the committed full run is the docs' figure
-        DOCS_FIGURE.parent.mkdir(parents=True, exist_ok=True)
-        DOCS_FIGURE.write_bytes(out.with_suffix(".png").read_bytes())
-    summary = out.with_name(out.stem + "_summary.txt")
-    summary.write_text(summary_text(rows))
-    print(summary.read_text())
-    print(f"wrote {out.with_suffix('.png')} and {summary}")
+    write_report(out, read_rows(out), committed=RESULTS / "granularity.csv", docs_figure=DOCS_FIGURE, plot=plot,
+                 summary_text=summary_text)
 
 
 def main(argv: list[str] | None = None) -> None:

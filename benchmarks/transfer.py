@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graphprune.recipes as R  # noqa: E402
-from _common import environment_columns, tp_prune_to_budget  # noqa: E402
+from _common import environment_columns, tp_prune_to_budget, write_report  # noqa: E402
 from graphprune.assets import CifarResNet, load_cifar_resnet, load_efficientnet_lite0, shared_data_dir  # noqa: E402
 from graphprune.measurement import count_macs, count_params  # noqa: E402
 
@@ -630,15 +630,9 @@ def update_readme(rows: list[dict], readme: Path = Path(__file__).resolve().pare
 
 def report(out: Path) -> None:
     rows = read_rows(out)
-    plot(rows, out.with_suffix(".png"))
-    if out.resolve() == (RESULTS / "transfer.csv").resolve():  # the committed run is the docs' figure
-        DOCS_FIGURE.parent.mkdir(parents=True, exist_ok=True)
-        DOCS_FIGURE.write_bytes(out.with_suffix(".png").read_bytes())
+    if write_report(out, rows, committed=RESULTS / "transfer.csv", docs_figure=DOCS_FIGURE, plot=plot,
+                    summary_text=summary_text):
         update_readme(rows)
-    summary = out.with_name(out.stem + "_summary.txt")
-    summary.write_text(summary_text(rows))
-    print(summary.read_text())
-    print(f"wrote {out.with_suffix('.png')} and {summary}")
 
 
 def main(argv: list[str] | None = None) -> None:
