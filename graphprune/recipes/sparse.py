@@ -207,7 +207,7 @@ class SparseTransferConfig:
     scope: str = "local"
     gradual: bool = False
     gradual_end_fraction: float = 0.8
-    target: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=5.0, norm_stats="train"))
+    target: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=5.0))
     run: RunConfig = field(default_factory=RunConfig)
     head_init: str = "probe"
     recalibrate_batches: int | None = 16

@@ -11,6 +11,7 @@ class means live in the same space as the pruned model's features.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable
 
@@ -26,7 +27,7 @@ from ..scoring.classmean import class_means
 from .config import PruneConfig
 from .data import TransferData
 from .device import Placement
-from .norms import recalibrate_norms_
+from .norms import kept_channels, recalibrate_norms_, shift_norms_
 from .distributed import DistContext, on_main
 from .finetune import measure_record
 from .records import StageRecord
@@ -93,36 +94,44 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
     start = time.perf_counter()
     example = data.example_inputs()
     before = count_macs(model, example)
-    sparse_details = None
+    shifting = config.recalibration == "shift" and config.recalibrate_batches != 0
+    reference = copy.deepcopy(model) if shifting else None  # what the norms saw before the removal
+    sparse_details, plan = None, None
     if config.granularity != "channel":
         # masks chosen from the weights and the seed alone: identical on every rank, nothing to ship
         sparse_details = sparse_prune_(model, example, config, seed=seed)
     else:
-        plan_json = on_main(ctx, lambda: _prune_on_main(model, data, config, seed, progress and ctx.is_main))
+        plan = Plan.from_json(on_main(ctx, lambda: _prune_on_main(model, data, config, seed, progress and ctx.is_main)))
         if not ctx.is_main:
-            plan = Plan.from_json(plan_json)
             apply_plan_(model, plan)
             record_plan(model, plan)
     if placement is not None:
         placement.model_(model)  # new (sliced) weights take the run's memory layout again
-    recalibrated = recalibrate_after_removal_(model, data, config.recalibrate_batches, placement)
+    recalibrated = recalibrate_after_removal_(model, data, config.recalibrate_batches, placement,
+                                              reference=reference, plan=plan)
+    del reference
     seconds = time.perf_counter() - start
     record = measure_record(model, data, name, "prune", seconds, ctx=ctx, placement=placement)
     details = {"scorer": config.scorer, "scope": config.scope, "ratio": config.ratio,
                "target_flops_reduction": config.flops_reduction,
                "flops_reduction": 1.0 - record.macs / before if before else 0.0,
-               "recalibrated_norms": recalibrated}
+               "recalibrated_norms": recalibrated, "recalibration": config.recalibration}
     if sparse_details is not None:  # flops_reduction: of the effective (nonzero-weight) MACs
         details = {**details, **sparse_details}
     return StageRecord(**{**record.__dict__, "details": details})
 
 
 def recalibrate_after_removal_(model: nn.Module, data: TransferData, batches: int | None,
-                               placement: Placement | None = None) -> int:
-    """Re-estimate BatchNorm statistics after a removal on ``batches`` unaugmented training batches.
+                               placement: Placement | None = None, *, reference: nn.Module | None = None,
+                               plan: Plan | None = None) -> int:
+    """Correct BatchNorm statistics after a removal, on ``batches`` unaugmented training batches.
 
-    Every rank reads the same (unsharded) batches, so ranks stay identical. Returns the number
-    of BatchNorm layers re-estimated (0 when ``batches == 0``).
+    With ``reference`` (the model before the removal) the statistics are shifted by what the
+    removal changed (:func:`~graphprune.recipes.norms.shift_norms_`; ``plan`` names the kept
+    channels of narrowed layers); without it they are reset and re-estimated
+    (:func:`~graphprune.recipes.norms.recalibrate_norms_`). Every rank reads the same
+    (unsharded) batches, so ranks stay identical. Returns the number of BatchNorm layers
+    changed (0 when ``batches == 0``).
 
     Example:
         >>> import timm, torch
@@ -131,9 +140,14 @@ def recalibrate_after_removal_(model: nn.Module, data: TransferData, batches: in
         >>> model = timm.create_model("resnet18", pretrained=False, num_classes=2)
         >>> recalibrate_after_removal_(model, TransferData(loader, loader, ("a", "b")), 1)
         20
+        >>> recalibrate_after_removal_(model, TransferData(loader, loader, ("a", "b")), 1, reference=model)
+        0
     """
     if batches == 0:
         return 0
+    if reference is not None:
+        return shift_norms_(model, reference, data.unaugmented_train, max_batches=batches, placement=placement,
+                            kept=kept_channels(plan) if plan is not None else None)
     return recalibrate_norms_(model, data.unaugmented_train, max_batches=batches, placement=placement)
 
 

@@ -121,13 +121,17 @@ def _search_step(run: _Run, name: str, step: int, config: TransTailorConfig, bas
                  teacher: nn.Module | None) -> StageRecord:
     start = time.perf_counter()
     ctx = run.ctx
+    shifting = config.recalibration == "shift" and config.recalibrate_batches != 0
+    reference = copy.deepcopy(run.model) if shifting else None  # what the norms saw before this step
     plan_json, factors = on_main(ctx, lambda: _prune_step_on_main(run.model, run.data, config, run.progress))
+    plan = Plan.from_json(plan_json)
     if not ctx.is_main:
-        plan = Plan.from_json(plan_json)
         apply_plan_(run.model, plan)
         record_plan(run.model, plan)
     run.placement.model_(run.model)
-    recalibrate_after_removal_(run.model, run.data, config.recalibrate_batches, run.placement)
+    recalibrate_after_removal_(run.model, run.data, config.recalibrate_batches, run.placement,
+                               reference=reference, plan=plan)
+    del reference
     with applied_factors(run.model, factors):  # frozen beta: plain tensors, never in the optimizer
         pruned_accuracy = evaluate(run.model, run.data.val, ctx, run.placement)
         record = finetune_(run.model, run.data, config.finetune, name=name, ctx=ctx, seed=run.config.run.seed + step,
