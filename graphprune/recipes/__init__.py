@@ -31,7 +31,7 @@ from .device import DeviceLoader, Placement, resolve_device
 from .distributed import DistContext, context
 from .finetune import build_optimizer, build_schedule, evaluate, features_and_logits, finetune_, seed_everything
 from .pipelines import check_data, on_device, s_to_t, s_tp_t, sp_t
-from .norms import recalibrate_norms_
+from .norms import kept_channels, recalibrate_norms_, shift_norms_
 from .probe import extract_features, fit_logistic, linear_probe_
 from .records import RecipeResult, StageRecord, records_csv
 from .importance import applied_factors, fold_factors_, importance_factors
@@ -46,5 +46,5 @@ __all__ = [
     "prune_stage_", "records_csv", "s_tp_t", "s_to_t", "sp_t", "transtailor", "SparseTransferConfig", "sparse_sp_t",
     "applied_factors", "fold_factors_", "importance_factors",
     "DecodedImages", "DeviceLoader", "NormalizeCollate", "Placement", "build_optimizer", "build_schedule",
-    "extract_features", "fit_logistic", "linear_probe_", "on_device", "recalibrate_norms_", "resolve_device", "seed_everything",
+    "extract_features", "fit_logistic", "linear_probe_", "on_device", "recalibrate_norms_", "resolve_device", "seed_everything", "shift_norms_", "kept_channels",
 ]
