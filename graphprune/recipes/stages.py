@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from ..api import HISTORY_ATTR, prune_, record_plan
 from ..groups import classifier_names
@@ -26,7 +27,7 @@ from ..scoring import scorer_spec
 from ..scoring.classmean import class_means
 from .config import PruneConfig
 from .data import TransferData
-from .device import Placement
+from .device import DeviceLoader, Placement, unwrap
 from .norms import kept_channels, recalibrate_norms_, shift_norms_
 from .distributed import DistContext, on_main
 from .finetune import measure_record
@@ -145,10 +146,38 @@ def recalibrate_after_removal_(model: nn.Module, data: TransferData, batches: in
     """
     if batches == 0:
         return 0
+    loader = mixed_batches(data.unaugmented_train) if batches is not None else data.unaugmented_train
     if reference is not None:
-        return shift_norms_(model, reference, data.unaugmented_train, max_batches=batches, placement=placement,
+        return shift_norms_(model, reference, loader, max_batches=batches, placement=placement,
                             kept=kept_channels(plan) if plan is not None else None)
-    return recalibrate_norms_(model, data.unaugmented_train, max_batches=batches, placement=placement)
+    return recalibrate_norms_(model, loader, max_batches=batches, placement=placement)
+
+
+def mixed_batches(loader, seed: int = 0):
+    """``loader``'s images in a seeded random order when it reads them in order, else ``loader``.
+
+    An evaluation loader reads an ImageFolder class by class, so its first batches hold a few
+    classes only (16 batches of 32: 20 of CUB-100's classes); statistics corrected on a
+    capped number of batches should see the whole task. Same seed, same order on every rank.
+    (Lite0 -> Flowers-17, seed 0, val right after a -30 % prune and the shift: ``target_taylor``
+    0.806 on 16 mixed batches vs 0.788 on the first 16 and 0.776 on all, in order;
+    ``classmean`` 0.800 vs 0.753 / 0.765.)
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> ordered = DataLoader(TensorDataset(torch.arange(8.0), torch.arange(8) // 4), batch_size=4)
+        >>> [labels.tolist() for _, labels in ordered]
+        [[0, 0, 0, 0], [1, 1, 1, 1]]
+        >>> [labels.tolist() for _, labels in mixed_batches(ordered)]
+        [[1, 0, 1, 0], [0, 1, 0, 1]]
+    """
+    inner = unwrap(loader)
+    if not isinstance(inner, DataLoader) or not isinstance(inner.sampler, SequentialSampler) or inner.batch_size is None:
+        return loader
+    mixed = DataLoader(inner.dataset, batch_size=inner.batch_size, collate_fn=inner.collate_fn,
+                       num_workers=inner.num_workers, drop_last=inner.drop_last,
+                       sampler=RandomSampler(inner.dataset, generator=torch.Generator().manual_seed(seed)))
+    return DeviceLoader(mixed, loader.placement) if isinstance(loader, DeviceLoader) else mixed
 
 
 def full_model_class_means(model: nn.Module, data: TransferData, *, ctx: DistContext = DistContext(),
