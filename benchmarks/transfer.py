@@ -340,8 +340,9 @@ def run_variant(task_name: str, task: Task, variant: Variant, seed: int, source:
         model, extra = tp_pruned(full, data, variant, task)
         placement.model_(model)
         # the same recipe as graphprune's prune stage: BatchNorm statistics shifted by what the removal changed
-        R.norms.shift_norms_(model, full, R.stages.mixed_batches(data.unaugmented_train), kept=kept_by_value(full, model),
-                             max_batches=R.PruneConfig().recalibrate_batches, placement=placement)
+        R.norms.shift_norms_(model, full, R.stages.mixed_batches(data.unaugmented_train),
+                             kept=kept_by_value(full, model), max_batches=R.PruneConfig().recalibrate_batches,
+                             placement=placement)
     else:
         model = copy.deepcopy(full)
         prune = R.PruneConfig(scorer=variant.scorer, flops_reduction=variant.budget, classifier_reuse=variant.reuse,

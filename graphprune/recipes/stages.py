@@ -172,7 +172,8 @@ def mixed_batches(loader, seed: int = 0):
         [[1, 0, 1, 0], [0, 1, 0, 1]]
     """
     inner = unwrap(loader)
-    if not isinstance(inner, DataLoader) or not isinstance(inner.sampler, SequentialSampler) or inner.batch_size is None:
+    ordered = isinstance(inner, DataLoader) and isinstance(inner.sampler, SequentialSampler)
+    if not ordered or inner.batch_size is None:
         return loader
     mixed = DataLoader(inner.dataset, batch_size=inner.batch_size, collate_fn=inner.collate_fn,
                        num_workers=inner.num_workers, drop_last=inner.drop_last,
