@@ -11,8 +11,8 @@ The two studies behind it:
 
 Per (task, seed): the dense references (LP: the linear probe; S->T: the probe, then full
 fine-tuning), then for each granularity x budget (30 / 50 / 70 % of MACs) x signal,
-:func:`graphprune.recipes.sparse.sparse_sp_t` three times: ``zero-shot`` (``target.epochs=0``:
-probe fitted on the unpruned features, prune, BatchNorm re-estimate), ``linear`` (then train
+:func:`graphprune.recipes.sp_t` (``PruneConfig.granularity``) three times: ``zero-shot`` (``target.epochs=0``:
+probe fitted on the unpruned features, prune, BatchNorm shift), ``linear`` (then train
 the classifier on the frozen pruned backbone) and ``full`` (then fine-tune everything; masks kept).
 
 Every row: val / test accuracy, the MACs a dense kernel executes (``macs``), the *effective*
@@ -56,7 +56,6 @@ from graphprune import sparsity as sp  # noqa: E402
 from graphprune.assets import shared_data_dir  # noqa: E402
 from graphprune.groups import classifier_names  # noqa: E402
 from graphprune.measurement import count_macs, count_params, measure_latency  # noqa: E402
-from graphprune.recipes.sparse import SparseTransferConfig, sparse_sp_t  # noqa: E402
 from transfer import FULL as TRANSFER_FULL, QUICK as TRANSFER_QUICK, load_source  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -192,14 +191,14 @@ def run_job(task_name: str, task, setting: Setting, seed: int, threads: int, out
     for granularity, signal, budget, transfer in _variants(setting):
         target = {"zero-shot": R.FinetuneConfig(epochs=0), "linear": setting.linear, "full": setting.full}[transfer]
         scope = "global" if granularity == "unstructured" and signal == "magnitude" else "local"
-        config = SparseTransferConfig(granularity=granularity, flops_reduction=budget, signal=signal,
-                                      scope=scope if granularity == "unstructured" else "local", target=target,
-                                      run=run, keep_masks=granularity == "kernel")  # kernel: deployed in _row
+        prune = R.PruneConfig(scorer="l1" if signal == "magnitude" else "random", flops_reduction=budget,
+                              scope=scope if granularity == "unstructured" else "local", granularity=granularity,
+                              keep_masks=granularity == "kernel")  # kernel: deployed in _row
         started = time.perf_counter()
         try:
-            model, result = sparse_sp_t(source, data, config)
+            model, result = R.sp_t(source, data, R.TransferConfig(prune=prune, target=target, run=run))
             row = _row(task_name, task, setting, model, data, test, result, granularity=granularity, signal=signal,
-                       scope=config.scope, budget=budget, transfer=transfer, started=started, base_macs=base_macs,
+                       scope=prune.scope, budget=budget, transfer=transfer, started=started, base_macs=base_macs,
                        **common)
         except Exception as error:  # one failing variant is a row, not a lost run
             row = {"task": task_name, "granularity": granularity, "signal": signal, "budget": budget,
