@@ -18,7 +18,7 @@ both forward passes over unaugmented training batches, no gradients, weights unt
 
 from __future__ import annotations
 
-import copy
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -53,7 +53,7 @@ def recalibrate_norms_(model: nn.Module, batches: Iterable, *, max_batches: int 
         >>> bool(net[1].running_mean.abs().sum() > 0), net.training, net[1].momentum
         (True, True, 0.1)
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = list(_norms(model).values())
     if not norms:
         return 0
     modes = [(m, m.training) for m in model.modules()]
@@ -64,12 +64,7 @@ def recalibrate_norms_(model: nn.Module, batches: Iterable, *, max_batches: int 
             norm.reset_running_stats()
             norm.momentum = None  # cumulative moving average: every batch counts equally
             norm.train()
-        with torch.no_grad():
-            for index, (images, _) in enumerate(batches):
-                if max_batches is not None and index >= max_batches:
-                    break
-                with (placement or Placement()).autocast():
-                    model(images)
+        _forward_batches((model,), batches, max_batches, placement)
     finally:
         for norm, momentum in momenta:
             norm.momentum = momentum
@@ -85,6 +80,25 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
     mean = flat.mean(1)
     return mean, (flat * flat).mean(1).sub_(mean * mean).clamp_min_(0.0)
+
+
+def _forward_batches(models: Sequence[nn.Module], batches: Iterable, max_batches: int | None,
+                     placement: Placement | None) -> int:
+    """Run each batch's images through ``models`` in turn, no gradients; the number of batches read."""
+    count = 0
+    with torch.no_grad():
+        for images, _ in itertools.islice(batches, max_batches):
+            with (placement or Placement()).autocast():
+                for model in models:
+                    model(images)
+            count += 1
+    return count
+
+
+def _set_statistics_(norm: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
+    with torch.no_grad():
+        norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+        norm.running_var.copy_(var.to(norm.running_var.dtype))
 
 
 def _norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -128,6 +142,7 @@ def shift_norms_(model: nn.Module, reference: nn.Module, batches: Iterable, *,
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
         ...                     nn.BatchNorm2d(4)).eval()
         >>> batches = [(torch.randn(8, 3, 8, 8), torch.zeros(8))]
+        >>> import copy
         >>> changed = copy.deepcopy(net)
         >>> shift_norms_(changed, net, batches)  # nothing changed: nothing corrected
         0
@@ -179,29 +194,19 @@ def shift_norms_(model: nn.Module, reference: nn.Module, batches: Iterable, *,
             total[0] += mean
             total[1] += var
             total[2] |= ~same
-            module.running_mean.copy_(mean.to(module.running_mean.dtype))  # what this batch is normalized with
-            module.running_var.copy_(var.to(module.running_var.dtype))
+            _set_statistics_(module, mean, var)  # what this batch is normalized with
         return hook
 
     handles = [ref_norms[name].register_forward_pre_hook(observe(name)) for name in norms]
     handles += [norm.register_forward_pre_hook(correct(name)) for name, norm in norms.items()]
     modes = [(m, m.training) for m in (*model.modules(), *reference.modules())]
-    count = 0
     try:
         model.eval()
         reference.eval()
-        with torch.no_grad():
-            for batch_index, (images, _) in enumerate(batches):
-                if max_batches is not None and batch_index >= max_batches:
-                    break
-                with (placement or Placement()).autocast():
-                    reference(images)
-                    model(images)
-                count += 1
+        count = _forward_batches((reference, model), batches, max_batches, placement)
     except BaseException:
         for name, norm in norms.items():  # leave the statistics as they were
-            norm.running_mean.copy_(original[name][0].to(norm.running_mean.dtype))
-            norm.running_var.copy_(original[name][1].to(norm.running_var.dtype))
+            _set_statistics_(norm, *original[name])
         raise
     finally:
         for handle in handles:
@@ -209,17 +214,15 @@ def shift_norms_(model: nn.Module, reference: nn.Module, batches: Iterable, *,
         for module, training in modes:
             module.training = training
     changed = 0
-    with torch.no_grad():
-        for name, norm in norms.items():
-            mean_sum, var_sum, moved = totals[name]
-            mean_0, var_0 = original[name]
-            if count == 0 or not bool(moved.any()):
-                norm.running_mean.copy_(mean_0.to(norm.running_mean.dtype))
-                norm.running_var.copy_(var_0.to(norm.running_var.dtype))
-                continue
-            changed += 1
-            norm.running_mean.copy_(torch.where(moved, mean_sum / count, mean_0).to(norm.running_mean.dtype))
-            norm.running_var.copy_(torch.where(moved, var_sum / count, var_0).to(norm.running_var.dtype))
+    for name, norm in norms.items():
+        mean_sum, var_sum, moved = totals[name]
+        mean_0, var_0 = original[name]
+        if not bool(moved.any()):  # also when no batch was read
+            _set_statistics_(norm, mean_0, var_0)
+            continue
+        changed += 1
+        _set_statistics_(norm, torch.where(moved, mean_sum / count, mean_0),
+                         torch.where(moved, var_sum / count, var_0))
     return changed
 
 

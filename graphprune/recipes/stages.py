@@ -95,8 +95,7 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
     start = time.perf_counter()
     example = data.example_inputs()
     before = count_macs(model, example)
-    shifting = config.recalibration == "shift" and config.recalibrate_batches != 0
-    reference = copy.deepcopy(model) if shifting else None  # what the norms saw before the removal
+    reference = removal_reference(model, config.recalibration, config.recalibrate_batches)
     sparse_details, plan = None, None
     if config.granularity != "channel":
         # masks chosen from the weights and the seed alone: identical on every rank, nothing to ship
@@ -120,6 +119,17 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
     if sparse_details is not None:  # flops_reduction: of the effective (nonzero-weight) MACs
         details = {**details, **sparse_details}
     return StageRecord(**{**record.__dict__, "details": details})
+
+
+def removal_reference(model: nn.Module, recalibration: str, batches: int | None) -> nn.Module | None:
+    """A copy of ``model`` before a removal, when the statistics will be shifted against it
+    (``recalibration="shift"`` and ``batches != 0``), else ``None``.
+
+    Example:
+        >>> removal_reference(nn.Linear(2, 2), "reset", 16) is None
+        True
+    """
+    return copy.deepcopy(model) if recalibration == "shift" and batches != 0 else None
 
 
 def recalibrate_after_removal_(model: nn.Module, data: TransferData, batches: int | None,

@@ -41,7 +41,7 @@ from .distributed import on_main
 from .finetune import evaluate, finetune_
 from .importance import applied_factors, fold_factors_, importance_factors, slice_factors
 from .pipelines import _Run
-from .stages import recalibrate_after_removal_
+from .stages import recalibrate_after_removal_, removal_reference
 from .records import RecipeResult, StageRecord
 
 
@@ -121,8 +121,7 @@ def _search_step(run: _Run, name: str, step: int, config: TransTailorConfig, bas
                  teacher: nn.Module | None) -> StageRecord:
     start = time.perf_counter()
     ctx = run.ctx
-    shifting = config.recalibration == "shift" and config.recalibrate_batches != 0
-    reference = copy.deepcopy(run.model) if shifting else None  # what the norms saw before this step
+    reference = removal_reference(run.model, config.recalibration, config.recalibrate_batches)
     plan_json, factors = on_main(ctx, lambda: _prune_step_on_main(run.model, run.data, config, run.progress))
     plan = Plan.from_json(plan_json)
     if not ctx.is_main:
