@@ -6,13 +6,16 @@ coupling rule should check it the same way.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import InvalidArgumentError
 from .groups import Groups
-from .plan import removal_count
+from .plan import make_plan, removal_count
+from .removal import apply_plan_
 
 
 def pick_channels(groups: Groups, ratio: float, *, seed: int = 0, exact_only: bool = True) -> dict[int, tuple[int, ...]]:
@@ -66,6 +69,29 @@ def zero_channels_(model: nn.Module, groups: Groups, channels: dict[int, tuple[i
             index = np.flatnonzero(np.isin(member.channel, chosen_arr))
             if index.size:
                 tensor.index_fill_(member.dim, torch.from_numpy(index), 0.0)
+
+
+@torch.no_grad()
+def zeroed_then_removed(model: nn.Module, x: torch.Tensor, groups: Groups, removed: dict[int, tuple[int, ...]]
+                        ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """On an eval-mode copy of ``model``: zero ``removed`` in its producers, run ``x``, remove the
+    channels, run ``x`` again. Returns ``(expected, got, pruned)``; the caller compares the two
+    outputs with its tolerance (they agree when the removal is exact).
+
+    Example:
+        >>> import graphprune as gp
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(3, 4, dtype=torch.float64)
+        >>> groups = gp.find_groups(gp.trace(net, x))
+        >>> expected, got, pruned = zeroed_then_removed(net, x, groups, {groups[0].id: (1, 5)})
+        >>> pruned[0].out_features, torch.equal(got, expected)
+        (6, True)
+    """
+    model = copy.deepcopy(model).eval()
+    zero_channels_(model, groups, removed)
+    expected = model(x)
+    apply_plan_(model, make_plan(groups, removed=removed))
+    return expected, model(x), model
 
 
 @torch.no_grad()

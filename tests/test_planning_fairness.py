@@ -19,7 +19,7 @@ from torch import nn
 import graphprune as gp
 from graphprune.assets import CifarResNet
 from graphprune.plan import producer_segments, removal_count
-from graphprune.testing import zero_channels_
+from graphprune.testing import zeroed_then_removed
 
 
 def l1_selection(model: nn.Module, x: torch.Tensor, ratio: float, config: gp.PlanConfig | None = None):
@@ -33,14 +33,7 @@ def kept_out_channels(model: nn.Module) -> dict[str, int]:
 
 def assert_zero_then_remove_exact(model: nn.Module, x: torch.Tensor, groups: gp.Groups, removed: dict) -> nn.Module:
     """Zero the removed channels' producers, remove them, and compare in float64."""
-    model = copy.deepcopy(model).double().eval()
-    x = x.double()
-    zero_channels_(model, groups, removed)
-    with torch.no_grad():
-        expected = model(x)
-    gp.apply_plan_(model, gp.make_plan(groups, removed=removed))
-    with torch.no_grad():
-        got = model(x)
+    expected, got, model = zeroed_then_removed(copy.deepcopy(model).double(), x.double(), groups, removed)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12 * expected.abs().max().item())
     return model
 

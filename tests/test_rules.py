@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
-from graphprune.testing import zero_channels_
+from graphprune.testing import zeroed_then_removed
 
 
 def groups_of(model: nn.Module, x: torch.Tensor) -> gp.Groups:
@@ -28,13 +28,7 @@ def group_with(groups: gp.Groups, name: str, dim: int) -> gp.ChannelGroup:
 def assert_exact_removal(model: nn.Module, x: torch.Tensor, removed: dict[int, tuple[int, ...]],
                          groups: gp.Groups) -> nn.Module:
     """Zero ``removed`` in producers, remove it, and check the output is unchanged."""
-    model = copy.deepcopy(model).eval()
-    zero_channels_(model, groups, removed)
-    with torch.no_grad():
-        expected = model(x)
-    gp.apply_plan_(model, gp.make_plan(groups, removed=removed))
-    with torch.no_grad():
-        got = model(x)
+    expected, got, model = zeroed_then_removed(model, x, groups, removed)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     return model
