@@ -259,6 +259,11 @@ def tp_pruned(full: nn.Module, data: R.TransferData, variant: Variant, task: Tas
 
 
 
+def _channel_keys(norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """One row per channel: its (weight, bias, running mean)."""
+    return torch.stack([norm.weight.detach(), norm.bias.detach(), norm.running_mean]).T.cpu()
+
+
 def kept_by_value(full: nn.Module, pruned: nn.Module) -> dict[str, tuple[int, ...]]:
     """BatchNorm name -> the channels of ``full`` a narrower BatchNorm of ``pruned`` kept, matched by
     their (weight, bias, running mean) in order: Torch-Pruning returns no plan, but it keeps the
@@ -271,8 +276,7 @@ def kept_by_value(full: nn.Module, pruned: nn.Module) -> dict[str, tuple[int, ..
         source = originals[name]
         if norm.num_features == source.num_features:
             continue
-        keys = lambda m: torch.stack([m.weight.detach(), m.bias.detach(), m.running_mean]).T.cpu()  # noqa: E731
-        wanted, have, index, j = keys(norm), keys(source), [], 0
+        wanted, have, index, j = _channel_keys(norm), _channel_keys(source), [], 0
         for row in wanted:
             while j < len(have) and not torch.equal(have[j], row):
                 j += 1
