@@ -99,11 +99,13 @@ class Variant:
     align: float = 0.0
     scope: str = "local"
     distill: float = 0.0
+    residual: float = 1.0  # PruneConfig.residual_scale
 
     @property
     def name(self) -> str:
         return (self.scorer + ("+reuse" if self.reuse else "") + ("+align" if self.align else "")
-                + ("+global" if self.scope == "global" else "") + ("+kd" if self.distill else ""))
+                + ("+global" if self.scope == "global" else "") + ("+kd" if self.distill else "")
+                + (f"+res{self.residual:g}" if self.residual != 1 else ""))
 
 
 def _set(recipe: str, scorers: tuple[str, ...], budgets: tuple[float, ...]) -> tuple[Variant, ...]:
@@ -111,18 +113,22 @@ def _set(recipe: str, scorers: tuple[str, ...], budgets: tuple[float, ...]) -> t
     for budget in budgets:
         for s in scorers:
             scorer, *flags = s.split("+")
+            residual = next((float(f[3:]) for f in flags if f.startswith("res")), 1.0)
             out.append(Variant(recipe, scorer, budget, reuse="reuse" in flags, align=1.0 if "align" in flags else 0.0,
                                scope="global" if "global" in flags else "local",
-                               distill=DISTILL if "kd" in flags else 0.0))
+                               distill=DISTILL if "kd" in flags else 0.0, residual=residual))
     return tuple(out)
 
 
 GLOBAL_CAP = 0.7  # max_group_ratio of a global ranking
 DISTILL = 0.7  # FinetuneConfig.distill of the "+kd" variants (temperature: the default, 2)
 ALL_SCORERS = ("l1", "random", "target_taylor", "classmean", "classmean+reuse", "classmean+align",
-               "classmean+reuse+align", "tp_l1", "tp_taylor")
-# the core set: the two strongest graphprune recipes of the previous Flowers run, Torch-Pruning group L1
-CORE_SCORERS = ("target_taylor", "classmean+align", "tp_l1")
+               "classmean+reuse+align", "tp_l1", "tp_taylor",
+               # residual streams kept whole (PruneConfig.residual_scale=0): the budget met inside the blocks
+               "l1+res0", "target_taylor+res0", "classmean+align+res0", "classmean+reuse+align+res0")
+# the core set: the two strongest graphprune recipes of the previous Flowers run (with and without the
+# residual streams pruned), Torch-Pruning group L1
+CORE_SCORERS = ("target_taylor", "classmean+align", "target_taylor+res0", "classmean+align+res0", "tp_l1")
 SPT_BUDGETS = (0.3, 0.5, 0.7)
 FLOWERS_VARIANTS = (*_set("S->TP->T", ALL_SCORERS, (0.3, 0.5)), *_set("SP->T", ("l1",), SPT_BUDGETS),
                     Variant("TransTailor", "target_taylor", 0.5))
@@ -350,7 +356,7 @@ def run_variant(task_name: str, task: Task, variant: Variant, seed: int, source:
     else:
         model = copy.deepcopy(full)
         prune = R.PruneConfig(scorer=variant.scorer, flops_reduction=variant.budget, classifier_reuse=variant.reuse,
-                              alignment_weight=variant.align, scope=variant.scope,
+                              alignment_weight=variant.align, scope=variant.scope, residual_scale=variant.residual,
                               max_group_ratio=GLOBAL_CAP if variant.scope == "global" else None,
                               # a class mean needs every class: classmean reads the whole training set
                               scoring_batches=None if variant.scorer == "classmean" else task.scoring_batches)
@@ -444,7 +450,7 @@ def run_job(task_name: str, task: Task, seed: int, out: Path) -> None:
 
 
 def run_jobs(jobs: list[tuple[str, int]], workers: int, quick: bool, threads: int, out: Path,
-             budgets: list[float] | None = None) -> None:
+             budgets: list[float] | None = None, variants: list[str] | None = None) -> None:
     """Run jobs in ``workers`` parallel processes of ``threads`` torch threads each (a simple queue)."""
     pending = list(jobs)
     running: list[subprocess.Popen] = []
@@ -456,6 +462,7 @@ def run_jobs(jobs: list[tuple[str, int]], workers: int, quick: bool, threads: in
                 argv = [sys.executable, __file__, "--jobs", f"{task}:{seed}", "--workers", "1", "--threads",
                         str(threads), "--out", str(out), "--no-report"] + (["--quick"] if quick else [])
                 argv += ["--budgets", *map(str, budgets)] if budgets else []
+                argv += ["--variants", *variants] if variants else []
                 running.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
             time.sleep(2)
             running = [p for p in running if p.poll() is None]
@@ -681,6 +688,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="CSV path, appended to (the PNG, summary and log go next to it)")
     parser.add_argument("--budgets", type=float, nargs="+", default=None, metavar="R",
                         help="only the pruned variants at these FLOPs reductions (LP and S->T always run)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="only the pruned variants of these names, e.g. classmean+align+res0 (LP and S->T always run)")
     parser.add_argument("--report", type=Path, default=None, help="only redraw the PNG and summary of this CSV")
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # job processes of a queue
     args = parser.parse_args(argv)
@@ -689,9 +698,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     tasks = QUICK if args.quick else FULL
-    if args.budgets:
-        tasks = {name: replace(task, variants=tuple(v for v in task.variants if v.budget in args.budgets))
-                 for name, task in tasks.items()}
+    if args.budgets or args.variants:
+        tasks = {name: replace(task, variants=tuple(
+            v for v in task.variants if (not args.budgets or v.budget in args.budgets)
+            and (not args.variants or v.name in args.variants))) for name, task in tasks.items()}
     if args.jobs:
         jobs = []
         for text in args.jobs:
@@ -706,7 +716,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"appending to {out} ({len(read_rows(out))} rows already; finished rows of a job are skipped); "
               "delete it for a fresh run", flush=True)
     if args.workers > 1:
-        run_jobs(jobs, args.workers, args.quick, args.threads, out, args.budgets)
+        run_jobs(jobs, args.workers, args.quick, args.threads, out, args.budgets, args.variants)
     else:
         for name, seed in jobs:
             run_job(name, tasks[name], seed, out)

@@ -7,6 +7,7 @@ customize any stage.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import os
 import sys
@@ -91,7 +92,7 @@ def _caller_level() -> int:
 def _config(config: PlanConfig | None, round_to: int | None) -> PlanConfig:
     config = config or PlanConfig()
     if round_to is not None:
-        config = PlanConfig(config.scope, config.normalize, round_to, config.max_group_ratio)
+        config = dataclasses.replace(config, round_to=round_to)
     return config
 
 

@@ -13,7 +13,7 @@ import json
 import math
 import weakref
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch
 from ._runtime import paused_gc, sorted_unique
 from .errors import InvalidArgumentError
 from .groups import ChannelGroup, Groups
+from .residual import residual_groups
 
 PLAN_FORMAT = "graphprune.plan/2"
 
@@ -240,12 +241,18 @@ class PlanConfig:
         round_to: keep a multiple of this many channels per group (SIMD-friendly widths).
         max_group_ratio: never remove more than this fraction of one group's prunable channels (``None``: no cap
             beyond keeping at least one channel per group and per member).
+        residual_scale: how hard to prune the groups on a residual stream
+            (:func:`graphprune.residual.residual_groups`) relative to the others, in ``[0, 1]``: local scope
+            removes ``ratio * residual_scale`` of them; global scope ranks their scores as if divided by it.
+            ``1``: no difference; ``0``: residual streams keep every channel (a FLOPs target is then met
+            inside the blocks alone).
     """
 
     scope: str = "local"
     normalize: str = "mean"
     round_to: int = 1
     max_group_ratio: float | None = None
+    residual_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.scope not in ("local", "global"):
@@ -256,6 +263,9 @@ class PlanConfig:
             raise InvalidArgumentError(f"round_to must be a positive integer, got {self.round_to!r}")
         if self.max_group_ratio is not None and not 0 < self.max_group_ratio < 1:
             raise InvalidArgumentError(f"max_group_ratio must be in (0, 1), got {self.max_group_ratio!r}")
+        scale = self.residual_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or math.isnan(scale) or not 0 <= scale <= 1:
+            raise InvalidArgumentError(f"residual_scale must be a number in [0, 1], got {scale!r}")
 
 
 _NORMALIZERS = {
@@ -340,17 +350,21 @@ def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio
     ratio = _check_ratio(ratio)
     config = config or PlanConfig()
     if round_to is not None:
-        config = PlanConfig(config.scope, config.normalize, round_to, config.max_group_ratio)
+        config = replace(config, round_to=round_to)
     checked = _checked_scores(groups, scores)
+    residual = residual_groups(groups) if config.residual_scale < 1 else frozenset()
+    if config.residual_scale == 0:
+        exclude = exclude | residual
     active = [g for g in groups if g.id not in exclude]
     checked = {g.id: _per_segment(g, checked[g.id], config.normalize) for g in active}
     counts: dict[int, int] = {}
     if config.scope == "local":
         for group in active:
-            n = _round(group, removal_count(ratio, int(group.prunable.sum())), config.round_to)
+            share = ratio * config.residual_scale if group.id in residual else ratio
+            n = _round(group, removal_count(share, int(group.prunable.sum())), config.round_to)
             counts[group.id] = min(n, _cap(group, config))
     else:
-        counts = _global_counts(active, checked, ratio, config)
+        counts = _global_counts(active, checked, ratio, config, residual)
     removed: dict[int, tuple[int, ...]] = {}
     for group in active:
         n = counts.get(group.id, 0)
@@ -421,13 +435,16 @@ def _per_segment(group: ChannelGroup, score: torch.Tensor, normalize: str) -> to
 
 
 def _global_counts(active: list[ChannelGroup], scores: dict[int, torch.Tensor], ratio: float,
-                   config: PlanConfig) -> dict[int, int]:
-    """How many channels each group loses when all channels are ranked together."""
+                   config: PlanConfig, residual: frozenset[int] = frozenset()) -> dict[int, int]:
+    """How many channels each group loses when all channels are ranked together (the scores of
+    ``residual`` groups divided by ``config.residual_scale``)."""
     normalize = _NORMALIZERS[config.normalize]
     owners, values = [], []
     for group in active:
         prunable = torch.from_numpy(group.prunable.copy())
         normalized = normalize(scores[group.id].clone())
+        if group.id in residual:
+            normalized = normalized / config.residual_scale
         owners.append(torch.full((int(prunable.sum()),), group.id, dtype=torch.long))
         values.append(normalized[prunable])
     if not owners:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..groups import Groups
+from ..residual import residual_groups
 from ..plan import _NORMALIZERS, Plan, PlanConfig, _cap, _checked_scores, _keep_members_nonempty, make_plan
 from .predict import LatencyModel
 from .table import LatencyTable, OpSpec
@@ -146,14 +147,17 @@ def _moves(groups: Groups, scores: Mapping[int, torch.Tensor], config: PlanConfi
     checked = _checked_scores(groups, scores)
     normalize = _NORMALIZERS[config.normalize]
     step_default = max(width_step, config.round_to)
+    residual = residual_groups(groups) if config.residual_scale < 1 else frozenset()
     moves = {}
     for group in groups:
-        if group.id in exclude:
+        if group.id in exclude or (group.id in residual and config.residual_scale == 0):
             continue
         cap = _cap(group, config)
         if cap <= 0:
             continue
         score = normalize(checked[group.id].clone())
+        if group.id in residual:  # ranked as if its scores were divided by residual_scale
+            score = score / config.residual_scale
         masked = score.clone()
         masked[torch.from_numpy(~group.prunable)] = math.inf
         order = torch.argsort(masked, stable=True)[:cap].tolist()
@@ -177,7 +181,7 @@ def select_for_latency(groups: Groups, scores: Mapping[int, torch.Tensor], model
         model: the latency model of the traced model.
         target_ms: stop once the modelled latency is at most this.
         config: normalization, ``round_to`` (a coarser step than ``model.width_step``),
-            ``max_group_ratio``; ``scope`` does not apply (the ranking is global by construction).
+            ``max_group_ratio``, ``residual_scale``; ``scope`` does not apply (the ranking is global by construction).
         exclude: groups left whole.
 
     Returns:

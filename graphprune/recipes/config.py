@@ -162,6 +162,8 @@ class PruneConfig:
         scope: ``"local"`` (same fraction per group) or ``"global"`` (one ranking; pair it with a
             scorer whose scores are comparable across layers, such as ``target_taylor``).
         max_group_ratio: cap per group for a global ranking, so no layer is stripped bare.
+        residual_scale: prune the groups on a residual stream at this fraction of the others' ratio
+            (:class:`graphprune.PlanConfig`; 0 keeps residual streams whole, 1 treats them like the rest).
         scoring_batches: batches the data-driven scorers read per pass (``None``: all).
         classifier_reuse: keep the full fine-tuned model's classifier frozen while the pruned
             model is fine-tuned (the penultimate features are never pruned, so it still fits).
@@ -209,6 +211,7 @@ class PruneConfig:
     flops_reduction: float | None = 0.3
     scope: str = "local"
     max_group_ratio: float | None = None
+    residual_scale: float = 1.0
     scoring_batches: int | None = None
     classifier_reuse: bool = False
     alignment_weight: float = 0.0
@@ -238,7 +241,7 @@ class PruneConfig:
         else:
             _number("PruneConfig.flops_reduction", self.flops_reduction, low=0.0, high=1.0, low_open=True,
                     high_open=True)
-        self.plan_config()  # checks scope and max_group_ratio
+        self.plan_config()  # checks scope, max_group_ratio and residual_scale
         _optional_positive_int("PruneConfig.scoring_batches", self.scoring_batches)
         _number("PruneConfig.alignment_weight", self.alignment_weight, low=0.0)
         if self.recalibrate_batches is not None and (isinstance(self.recalibrate_batches, bool)
@@ -296,7 +299,7 @@ class PruneConfig:
             >>> PruneConfig(scope="global").plan_config().scope
             'global'
         """
-        return PlanConfig(scope=self.scope, max_group_ratio=self.max_group_ratio)
+        return PlanConfig(scope=self.scope, max_group_ratio=self.max_group_ratio, residual_scale=self.residual_scale)
 
 
 @dataclass(frozen=True)
