@@ -1,9 +1,10 @@
-"""Process-level helpers for the hot paths."""
+"""Small process-level helpers shared across modules: the hot paths' GC pause and unique sort, JSON record parsing."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -46,3 +47,22 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     keep[0] = True
     np.not_equal(values[1:], values[:-1], out=keep[1:])
     return values[keep]
+
+
+def json_record(text: str, expected_format: str, what: str) -> dict:
+    """Parse ``text`` as a JSON object whose ``"format"`` is ``expected_format``; ``ValueError`` naming ``what`` otherwise.
+
+    Example:
+        >>> json_record('{"format": "x/1", "a": 1}', "x/1", "record")["a"]
+        1
+        >>> json_record('[1]', "x/1", "record")
+        Traceback (most recent call last):
+        ...
+        ValueError: a record is a JSON object, got list
+    """
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"a {what} is a JSON object, got {type(data).__name__}")
+    if data.get("format") != expected_format:
+        raise ValueError(f"format is {data.get('format')!r}, expected {expected_format!r}")
+    return data

@@ -241,7 +241,8 @@ def _measure(model: nn.Module, inputs: torch.Tensor, *, latency: bool):
 
 def _prune_target(args: argparse.Namespace) -> dict[str, Any]:
     """The pruning target the command line asks for: ``ratio`` or ``flops_reduction``, and the scope."""
-    target: dict[str, Any] = {"config": PlanConfig(scope=args.scope, round_to=args.round_to)}
+    target: dict[str, Any] = {"config": PlanConfig(scope=args.scope, round_to=args.round_to,
+                                                   residual_scale=args.residual_scale)}
     if args.flops_reduction is not None:
         target["flops_reduction"] = args.flops_reduction
     elif getattr(args, "latency_reduction", None) is not None:
@@ -417,12 +418,18 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                               "(read with weights_only=True); keys must match")
 
 
-def _add_prune(subparsers, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "prune", parents=[common], help="prune a model and save it", epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Prune MODEL, save it to OUTPUT (a directory) and print the before/after table.")
+def _model_command(subparsers, common: argparse.ArgumentParser, name: str, summary: str,
+                   description: str) -> argparse.ArgumentParser:
+    """A subcommand that takes MODEL and the model options."""
+    parser = subparsers.add_parser(name, parents=[common], help=summary, epilog=_EPILOG, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_options(parser)
+    return parser
+
+
+def _add_prune(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = _model_command(subparsers, common, "prune", "prune a model and save it",
+                            "Prune MODEL, save it to OUTPUT (a directory) and print the before/after table.")
     parser.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                         help="directory to write (new or empty, unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an earlier save at OUTPUT")
@@ -436,6 +443,8 @@ def _add_prune(subparsers, common: argparse.ArgumentParser) -> None:
                         help="local: same fraction of every group; global: one ranking over all groups")
     parser.add_argument("--round-to", type=int, default=1, metavar="N",
                         help="keep a multiple of N channels per group (default 1)")
+    parser.add_argument("--residual-scale", type=float, default=1.0, metavar="S",
+                        help="prune residual streams at S times the others' ratio (0: keep them whole; default 1)")
     parser.add_argument("--scorer", default="l1", help=f"channel importance, one of {', '.join(list_scorers())}; "
                                                        "default l1")
     parser.add_argument("--ignore", action="append", metavar="NAME",
@@ -445,21 +454,15 @@ def _add_prune(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _add_measure(subparsers, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "measure", parents=[common], help="print parameters, MACs and CPU latency", epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Measure MODEL: parameters, MACs (one fused multiply-add = one MAC), CPU latency.")
-    _add_model_options(parser)
+    parser = _model_command(subparsers, common, "measure", "print parameters, MACs and CPU latency",
+                            "Measure MODEL: parameters, MACs (one fused multiply-add = one MAC), CPU latency.")
     parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip CPU timing")
     parser.set_defaults(run=_cmd_measure)
 
 
 def _add_inspect(subparsers, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "inspect", parents=[common], help="list channel groups and what is frozen", epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Trace MODEL and list its channel groups, their sizes, and what is frozen and why.")
-    _add_model_options(parser)
+    parser = _model_command(subparsers, common, "inspect", "list channel groups and what is frozen",
+                            "Trace MODEL and list its channel groups, their sizes, and what is frozen and why.")
     parser.add_argument("--ignore", action="append", metavar="NAME", help="a module to freeze (repeat for more)")
     parser.set_defaults(run=_cmd_inspect)
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from ._runtime import paused_gc, sorted_unique
+from ._runtime import json_record, paused_gc, sorted_unique
 from .errors import InvalidArgumentError
 from .groups import ChannelGroup, Groups
 from .residual import residual_groups
@@ -115,11 +115,7 @@ class Plan:
             graphprune.errors.InvalidArgumentError: not a graphprune plan: edit of 'w': run [0, 9] is not inside [0, 4)
         """
         try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise ValueError(f"a plan is a JSON object, got {type(data).__name__}")
-            if data.get("format") != PLAN_FORMAT:
-                raise ValueError(f"format is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
+            data = json_record(text, PLAN_FORMAT, "plan")
             edits = tuple(_edit_from(e, max_size) for e in _list(data["edits"], "edits"))
             patches = tuple(_patch_from(p) for p in _list(data["patches"], "patches"))
             removed = _removed_from(data["removed"], max_size)

@@ -142,6 +142,8 @@ BAD_INPUTS = (
     BadInput("cli-ratio-nan", "ratio must be .*nan", argv=_prune_argv("--ratio", "nan")),
     BadInput("cli-ratio-missing", "one of the arguments --ratio --flops-reduction --latency-reduction is required", argv=_prune_argv()),
     BadInput("cli-flops-out-of-range", "flops_reduction must be", argv=_prune_argv("--flops-reduction", "1.5")),
+    BadInput("cli-residual-scale-out-of-range", r"residual_scale must be .*-0\.5",
+             argv=_prune_argv("--ratio", "0.3", "--residual-scale", "-0.5")),
     BadInput("cli-unknown-scorer", "unknown scorer", argv=_prune_argv("--ratio", "0.5", "--scorer", "magic")),
     BadInput("cli-unknown-model", "not_a_model.*neither", argv=lambda env: ["measure", "not_a_model"]),
     BadInput("cli-ignore-names-nothing", "no_such_layer",

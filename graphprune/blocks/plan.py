@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from .._runtime import json_record
 from ..errors import InvalidArgumentError
 from .discovery import Block, Blocks, find_blocks  # noqa: F401  (find_blocks: docstring example)
 
@@ -82,11 +83,7 @@ class BlockPlan:
             proxy of 'b' must be [in_channels, out_channels, stride], po
         """
         try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise ValueError(f"a block plan is a JSON object, got {type(data).__name__}")
-            if data.get("format") != BLOCK_PLAN_FORMAT:
-                raise ValueError(f"format is {data.get('format')!r}, expected {BLOCK_PLAN_FORMAT!r}")
+            data = json_record(text, BLOCK_PLAN_FORMAT, "block plan")
             if not isinstance(data["edits"], list):
                 raise ValueError("edits must be a list")
             edits = tuple(_edit_from(e) for e in data["edits"])

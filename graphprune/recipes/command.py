@@ -70,6 +70,8 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
                         help="what s_tp_t / sp_t prune: whole channels (default), K x K kernels (saved as "
                              "KernelConv2d layers) or single weights (saved as zeros); the fine ones need "
                              "--flops-reduction (of nonzero-weight MACs for unstructured)")
+    parser.add_argument("--residual-scale", type=float, default=1.0, metavar="S",
+                        help="prune residual streams at S times the others' ratio (0: keep them whole; default 1)")
     parser.add_argument("--classifier-reuse", action="store_true", help="S->TP->T: keep the fine-tuned classifier")
     parser.add_argument("--alignment-weight", type=float, default=0.0, metavar="W",
                         help="class-mean alignment loss weight (default 0)")
@@ -106,7 +108,8 @@ def _configs(args: argparse.Namespace):
         raise InvalidArgumentError(f"--granularity {args.granularity} applies to --recipe s_tp_t or sp_t, "
                                    f"not {args.recipe}")
     prune = C.PruneConfig(scorer=args.scorer, classifier_reuse=args.classifier_reuse,
-                          alignment_weight=args.alignment_weight, granularity=args.granularity, **budget)
+                          alignment_weight=args.alignment_weight, granularity=args.granularity,
+                          residual_scale=args.residual_scale, **budget)
     return C.TransferConfig(source=source, prune=prune, target=target, run=run, head_init=args.head_init)
 
 

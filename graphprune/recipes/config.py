@@ -275,6 +275,8 @@ class PruneConfig:
                                        f"RunConfig.seed), got {dict(self.scorer_options)!r}")
         if self.max_group_ratio is not None:
             raise InvalidArgumentError(f"max_group_ratio caps channel groups; it does not apply to {where}")
+        if self.residual_scale != 1:
+            raise InvalidArgumentError(f"residual_scale weighs channel groups; it does not apply to {where}")
         if self.scope == "global" and (self.granularity == "kernel" or self.scorer == "random"):
             raise InvalidArgumentError(f"scope='global' is one magnitude ranking of single weights: it needs "
                                        f"granularity='unstructured' and scorer='l1', not {where}, "
