@@ -23,7 +23,7 @@ from .errors import InvalidArgumentError, PruneError
 from .groups import Groups, find_groups
 from .inputs import ExampleInputs, as_examples
 from .latency.select import LatencyConfig, check_latency_reduction, plan_for_latency
-from .plan import Plan, PlanConfig, _check_ratio, make_plan
+from .plan import Plan, PlanConfig, check_ratio, make_plan
 from .removal import apply_plan_
 from .scoring import get_scorer
 from .scoring.registry import Scorer
@@ -161,7 +161,7 @@ def _check_target(ratio: float | None, flops_reduction: float | None, latency_re
         raise InvalidArgumentError("give exactly one of ratio= (channel fraction), flops_reduction= (MACs fraction) "
                                    "or latency_reduction= (measured latency fraction)")
     if ratio is not None:
-        _check_ratio(ratio)
+        check_ratio(ratio)
     elif flops_reduction is not None:
         check_flops_reduction(flops_reduction)
     else:

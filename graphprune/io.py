@@ -70,7 +70,7 @@ from torch import nn
 from . import io_record, io_replay, io_staging
 from .api import HISTORY_ATTR
 from .errors import InvalidArgumentError
-from .io_architecture import ARCHITECTURE_ATTR, Architecture, Edit, _short, build_model, infer_architecture
+from .io_architecture import ARCHITECTURE_ATTR, Architecture, Edit, short_repr, build_model, infer_architecture
 from .io_record import MODEL_FORMAT, RECORD_FILE, WEIGHTS_FILE, ModelFileError, ModelFileNotFoundError
 from .io_staging import check_target
 from .plan import Plan
@@ -392,7 +392,7 @@ def _rebuild_on_meta(record: Mapping[str, Any], where: str, stored_numel: int,
     model = build_model(arch, device="meta", allow_factories=allow_factories, max_numel=budget)
     base = _numel(model)
     if base > budget:
-        raise ModelFileError(f"{where}: {arch.name} {_short(dict(arch.kwargs))} has {base} elements, more than "
+        raise ModelFileError(f"{where}: {arch.name} {short_repr(dict(arch.kwargs))} has {base} elements, more than "
                              f"{MAX_BASE_FACTOR} times the {stored_numel} that {WEIGHTS_FILE} holds; its kwargs do not "
                              "match the weights")
     plans = io_replay.replay_on_meta(model, record["plans"], where)

@@ -234,7 +234,7 @@ def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, dev
     except ModelFileError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever a constructor raises on kwargs from a file is bad input
-        raise ModelFileError(f"cannot create {architecture.name} with kwargs {_short(kwargs)}: "
+        raise ModelFileError(f"cannot create {architecture.name} with kwargs {short_repr(kwargs)}: "
                              f"{type(error).__name__}: {error}") from error
     if not isinstance(model, nn.Module):
         raise ModelFileError(f"{architecture.name} returned a {type(model).__name__}, not an nn.Module")
@@ -252,10 +252,10 @@ def build_model(architecture: Architecture, plans: tuple[Edit, ...] = (), *, dev
                     apply_plan_(model, plan)
         except InvalidArgumentError as error:
             raise ModelFileError(f"plan {number} of {len(plans)} does not fit a fresh {architecture.name} "
-                                 f"{_short(kwargs)}: {error}") from error
+                                 f"{short_repr(kwargs)}: {error}") from error
     return model
 
 
-def _short(value: object, limit: int = 200) -> str:
+def short_repr(value: object, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."

@@ -218,7 +218,7 @@ def _ints(value: object) -> object:
     return _int(value, "a patched value", -1)
 
 
-def _check_ratio(ratio: float) -> float:
+def check_ratio(ratio: float) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 <= ratio < 1:
         raise InvalidArgumentError(f"ratio must be a number in [0, 1), got {ratio!r}")
     return float(ratio)
@@ -253,8 +253,8 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if self.scope not in ("local", "global"):
             raise InvalidArgumentError(f"scope must be 'local' or 'global', got {self.scope!r}")
-        if self.normalize not in _NORMALIZERS:
-            raise InvalidArgumentError(f"normalize must be one of {sorted(_NORMALIZERS)}, got {self.normalize!r}")
+        if self.normalize not in NORMALIZERS:
+            raise InvalidArgumentError(f"normalize must be one of {sorted(NORMALIZERS)}, got {self.normalize!r}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise InvalidArgumentError(f"round_to must be a positive integer, got {self.round_to!r}")
         if self.max_group_ratio is not None and not 0 < self.max_group_ratio < 1:
@@ -264,7 +264,7 @@ class PlanConfig:
             raise InvalidArgumentError(f"residual_scale must be a number in [0, 1], got {scale!r}")
 
 
-_NORMALIZERS = {
+NORMALIZERS = {
     "none": lambda s: s,
     "mean": lambda s: s / s.mean().clamp_min(1e-30),
     "max": lambda s: s / s.max().clamp_min(1e-30),
@@ -273,7 +273,7 @@ _NORMALIZERS = {
 }
 
 
-def _checked_scores(groups: Groups, scores: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+def checked_scores(groups: Groups, scores: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     checked = {}
     for group in groups:
         score = scores.get(group.id)
@@ -288,7 +288,7 @@ def _checked_scores(groups: Groups, scores: Mapping[int, torch.Tensor]) -> dict[
     return checked
 
 
-def _cap(group: ChannelGroup, config: PlanConfig) -> int:
+def removal_cap(group: ChannelGroup, config: PlanConfig) -> int:
     """Most channels one group may lose."""
     prunable = int(group.prunable.sum())
     cap = min(prunable, group.size - 1)
@@ -343,11 +343,11 @@ def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio
         >>> select_channels(groups, scores, ratio=0.25)
         {0: (0, 1)}
     """
-    ratio = _check_ratio(ratio)
+    ratio = check_ratio(ratio)
     config = config or PlanConfig()
     if round_to is not None:
         config = replace(config, round_to=round_to)
-    checked = _checked_scores(groups, scores)
+    checked = checked_scores(groups, scores)
     residual = residual_groups(groups) if config.residual_scale < 1 else frozenset()
     if config.residual_scale == 0:
         exclude = exclude | residual
@@ -358,7 +358,7 @@ def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio
         for group in active:
             share = ratio * config.residual_scale if group.id in residual else ratio
             n = _round(group, removal_count(share, int(group.prunable.sum())), config.round_to)
-            counts[group.id] = min(n, _cap(group, config))
+            counts[group.id] = min(n, removal_cap(group, config))
     else:
         counts = _global_counts(active, checked, ratio, config, residual)
     removed: dict[int, tuple[int, ...]] = {}
@@ -369,7 +369,7 @@ def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio
         masked = checked[group.id].clone()
         masked[torch.from_numpy(~group.prunable)] = math.inf
         order = torch.argsort(masked, stable=True)[:n]
-        chosen = _keep_members_nonempty(group, set(order.tolist()), checked[group.id])
+        chosen = keep_members_nonempty(group, set(order.tolist()), checked[group.id])
         if chosen:
             removed[group.id] = tuple(sorted(chosen))
     return removed
@@ -426,7 +426,7 @@ def _per_segment(group: ChannelGroup, score: torch.Tensor, normalize: str) -> to
     normalized = score.clone()
     for segment in range(int(segments.max()) + 1):
         inside = torch.from_numpy(segments == segment)
-        normalized[inside] = _NORMALIZERS[normalize](score[inside])
+        normalized[inside] = NORMALIZERS[normalize](score[inside])
     return normalized
 
 
@@ -434,7 +434,7 @@ def _global_counts(active: list[ChannelGroup], scores: dict[int, torch.Tensor], 
                    config: PlanConfig, residual: frozenset[int] = frozenset()) -> dict[int, int]:
     """How many channels each group loses when all channels are ranked together (the scores of
     ``residual`` groups divided by ``config.residual_scale``)."""
-    normalize = _NORMALIZERS[config.normalize]
+    normalize = NORMALIZERS[config.normalize]
     owners, values = [], []
     for group in active:
         prunable = torch.from_numpy(group.prunable.copy())
@@ -447,7 +447,7 @@ def _global_counts(active: list[ChannelGroup], scores: dict[int, torch.Tensor], 
         return {}
     owner, value = torch.cat(owners), torch.cat(values)
     target = int(math.floor(ratio * sum(int(g.prunable.sum()) for g in active) + 1e-9))
-    caps = {g.id: _cap(g, config) for g in active}
+    caps = {g.id: removal_cap(g, config) for g in active}
     counts = dict.fromkeys(caps, 0)
     taken = 0
     for index in torch.argsort(value, stable=True).tolist():
@@ -479,7 +479,7 @@ def removal_table(groups: Groups, removed: Mapping[int, tuple[int, ...]]) -> str
     return "\n".join(lines)
 
 
-def _keep_members_nonempty(group: ChannelGroup, chosen: set[int], score: torch.Tensor) -> set[int]:
+def keep_members_nonempty(group: ChannelGroup, chosen: set[int], score: torch.Tensor) -> set[int]:
     """Give back, per member that would lose every index, its best-scoring channel."""
     mask = np.zeros(group.size, dtype=bool)
     mask[list(chosen)] = True

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import graphprune as gp
 import graphprune.recipes as R
-from graphprune.recipes import command, pipelines
+from graphprune.recipes import command
+from graphprune.recipes import run as pipelines  # RecipeRun calls finetune_ and prune_stage_
 
 SIZE_PX = 32
 

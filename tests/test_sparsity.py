@@ -606,7 +606,7 @@ def test_gradual_masks_reach_the_budget_by_the_end_of_target():
                                                           ("s_tp_t", "unstructured", False)])
 def test_resume_from_stage_checkpoints_is_the_uninterrupted_run(recipe, granularity, gradual, tmp_path,
                                                                 monkeypatch):
-    from graphprune.recipes import pipelines
+    from graphprune.recipes import run as pipelines  # the stages run through RecipeRun
 
     target = R.FinetuneConfig(epochs=1, lr=1e-2)
     config = _transfer(granularity, target=target, gradual=gradual, run=_run(checkpoint_dir=str(tmp_path)))

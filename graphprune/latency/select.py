@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..groups import Groups
 from ..residual import residual_groups
-from ..plan import _NORMALIZERS, Plan, PlanConfig, _cap, _checked_scores, _keep_members_nonempty, make_plan
+from ..plan import NORMALIZERS, Plan, PlanConfig, removal_cap, checked_scores, keep_members_nonempty, make_plan
 from .predict import LatencyModel
 from .table import LatencyTable, OpSpec
 
@@ -144,15 +144,15 @@ class _GroupMoves:
 
 def _moves(groups: Groups, scores: Mapping[int, torch.Tensor], config: PlanConfig, width_step: int,
            exclude: frozenset[int]) -> dict[int, _GroupMoves]:
-    checked = _checked_scores(groups, scores)
-    normalize = _NORMALIZERS[config.normalize]
+    checked = checked_scores(groups, scores)
+    normalize = NORMALIZERS[config.normalize]
     step_default = max(width_step, config.round_to)
     residual = residual_groups(groups) if config.residual_scale < 1 else frozenset()
     moves = {}
     for group in groups:
         if group.id in exclude or (group.id in residual and config.residual_scale == 0):
             continue
-        cap = _cap(group, config)
+        cap = removal_cap(group, config)
         if cap <= 0:
             continue
         score = normalize(checked[group.id].clone())
@@ -254,11 +254,11 @@ def select_for_latency(groups: Groups, scores: Mapping[int, torch.Tensor], model
         for other in neighbours[gid]:
             candidates[other] = best_move(other)
     selection = {}
-    checked = _checked_scores(groups, scores)
+    checked = checked_scores(groups, scores)
     for gid, mv in moves.items():
         n = mv.counts[mv.pos]
         if n:
-            chosen = _keep_members_nonempty(groups.by_id(gid), set(mv.order[:n]), checked[gid])
+            chosen = keep_members_nonempty(groups.by_id(gid), set(mv.order[:n]), checked[gid])
             if chosen:
                 selection[gid] = tuple(sorted(chosen))
     return selection, model.predict_ms(_gone(groups, selection))

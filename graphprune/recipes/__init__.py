@@ -30,7 +30,8 @@ from .data import DecodedImages, NormalizeCollate, TransferData, check_splits, d
 from .device import DeviceLoader, Placement, resolve_device
 from .distributed import DistContext, context
 from .finetune import build_optimizer, build_schedule, evaluate, features_and_logits, finetune_, seed_everything
-from .pipelines import check_data, on_device, s_to_t, s_tp_t, sp_t
+from .pipelines import s_to_t, s_tp_t, sp_t
+from .run import RecipeRun, check_data, on_device
 from .norms import kept_channels, recalibrate_norms_, shift_norms_
 from .probe import extract_features, fit_logistic, linear_probe_
 from .records import RecipeResult, StageRecord, records_csv
@@ -41,7 +42,7 @@ from .transtailor import transtailor
 
 __all__ = [
     "BlockSearchConfig", "block_search", "DistContext", "FinetuneConfig", "PruneConfig", "RecipeResult", "RunConfig", "StageRecord", "StageStore",
-    "TransTailorConfig", "TransferConfig", "TransferData", "atomic_write_text", "check_data", "check_splits",
+    "RecipeRun", "TransTailorConfig", "TransferConfig", "TransferData", "atomic_write_text", "check_data", "check_splits",
     "context", "data_config", "eval_loader", "evaluate", "features_and_logits", "finetune_", "image_folder_data",
     "prune_stage_", "records_csv", "s_tp_t", "s_to_t", "sp_t", "transtailor", "SparseTransferConfig", "sparse_sp_t",
     "applied_factors", "fold_factors_", "importance_factors",

@@ -34,12 +34,12 @@ from ..blocks.modules import Proxy
 from ..blocks.plan import REPLACEMENTS
 from ..blocks.scoring import BLOCK_SCORERS
 from ..errors import InvalidArgumentError
-from .config import HEAD_INITS, FinetuneConfig, PruneConfig, RunConfig, _json_ready
+from .config import HEAD_INITS, FinetuneConfig, PruneConfig, RunConfig, json_ready
 from .data import TransferData
 from .distributed import on_main, sync_state_
 from .finetune import finetune_
 from .stages import recalibrate_after_removal_
-from .pipelines import _Run
+from .run import RecipeRun
 from .records import RecipeResult, StageRecord
 from .stages import prune_stage_
 
@@ -117,7 +117,7 @@ class BlockSearchConfig:
             >>> BlockSearchConfig(tolerance=0.05).to_dict()["tolerance"]
             0.05
         """
-        return _json_ready(asdict(self))
+        return json_ready(asdict(self))
 
 
 def _scores_on_main(teacher: nn.Module, blocks: Blocks, data: TransferData, config: BlockSearchConfig,
@@ -160,7 +160,7 @@ def block_search(model: nn.Module, data: TransferData, config: BlockSearchConfig
         (['probe', 'source', 'depth-1', 'depth-2'], 2)
     """
     config = config or BlockSearchConfig()
-    run = _Run("BlockSearch", model, data, config)  # type: ignore[arg-type]
+    run = RecipeRun("BlockSearch", model, data, config)  # type: ignore[arg-type]
     run.probe()
     run.stage("source", run.finetune("source", config.source))
     teacher = run.model
@@ -196,7 +196,7 @@ def block_search(model: nn.Module, data: TransferData, config: BlockSearchConfig
     return run.model, run.store.result()
 
 
-def _depth_step(run: _Run, teacher: nn.Module, blocks: Blocks, names: list[str], scores: dict[str, float],
+def _depth_step(run: RecipeRun, teacher: nn.Module, blocks: Blocks, names: list[str], scores: dict[str, float],
                 proxy_states: dict[str, dict[str, torch.Tensor]], name: str, config: BlockSearchConfig
                 ) -> tuple[nn.Module, StageRecord]:
     start = time.perf_counter()

@@ -378,7 +378,7 @@ class TransferConfig:
             >>> TransferConfig().to_dict()["prune"]["flops_reduction"]
             0.3
         """
-        return _json_ready(asdict(self))
+        return json_ready(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -450,12 +450,12 @@ class TransTailorConfig:
             >>> TransTailorConfig(tau=0.05).to_dict()["tau"]
             0.05
         """
-        return _json_ready(asdict(self))
+        return json_ready(asdict(self))
 
 
-def _json_ready(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     return value

@@ -40,7 +40,7 @@ from .data import TransferData
 from .distributed import on_main
 from .finetune import evaluate, finetune_
 from .importance import applied_factors, fold_factors_, importance_factors, slice_factors
-from .pipelines import _Run
+from .run import RecipeRun
 from .stages import recalibrate_after_removal_, removal_reference
 from .records import RecipeResult, StageRecord
 
@@ -91,7 +91,7 @@ def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig 
         ('step-1', True)
     """
     config = config or TransTailorConfig()
-    run = _Run("TransTailor", model, data, config)  # type: ignore[arg-type]
+    run = RecipeRun("TransTailor", model, data, config)  # type: ignore[arg-type]
     run.probe()
     run.stage("source", run.finetune("source", config.source))
     best_accuracy = run.store.record("source").val_accuracy
@@ -117,7 +117,7 @@ def transtailor(model: nn.Module, data: TransferData, config: TransTailorConfig 
     return chosen, run.store.result()
 
 
-def _search_step(run: _Run, name: str, step: int, config: TransTailorConfig, base_macs: int,
+def _search_step(run: RecipeRun, name: str, step: int, config: TransTailorConfig, base_macs: int,
                  teacher: nn.Module | None) -> StageRecord:
     start = time.perf_counter()
     ctx = run.ctx

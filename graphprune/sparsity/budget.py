@@ -28,7 +28,7 @@ from ..errors import InvalidArgumentError
 from ..measurement import analyze_macs, count_macs
 from .kernel_masks import kernel_convs_from_masks_, kernel_masks_  # noqa: F401  (kernel_convs_from_masks_: example)
 from .kernel_plan import KernelPlan, dense_convs, kernel_prune_
-from .unstructured import SCOPES, SparsityReport, _check_choice, magnitude_masks_
+from .unstructured import SCOPES, SparsityReport, check_choice, magnitude_masks_
 from .weights import effective_macs, effective_weight, resolve_modules
 
 
@@ -212,7 +212,7 @@ def unstructured_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
         True
     """
     target = check_reduction(flops_reduction)
-    _check_choice(scope, SCOPES, "scope")
+    check_choice(scope, SCOPES, "scope")
     if scope == "global" and signal != "magnitude":
         raise InvalidArgumentError("a global budget ranks by magnitude; use scope='local' for signal='random'")
     count = analyze_macs(model, example_inputs)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from .unstructured import (SCOPES, SIGNALS, SparsityReport, _check_choice, _seeded, check_sparsity, grow_masks_,
+from .unstructured import (SCOPES, SIGNALS, SparsityReport, check_choice, seeded_draws, check_sparsity, grow_masks_,
                            install_masks_)
 from .weights import module_sparsity, overall_sparsity, resolve_modules
 
@@ -64,7 +64,7 @@ class GradualSchedule:
         _step_count(self.start_step, "GradualSchedule.start_step", 0)
         _step_count(self.end_step, "GradualSchedule.end_step", self.start_step + 1)
         _step_count(self.every_steps, "GradualSchedule.every_steps", 1)
-        _check_choice(self.scope, SCOPES, "GradualSchedule.scope")
+        check_choice(self.scope, SCOPES, "GradualSchedule.scope")
 
     def sparsity_at(self, step: int) -> float:
         """``s(step)``.
@@ -100,7 +100,7 @@ class GradualPruner:
 
     def __init__(self, model: nn.Module, schedule: GradualSchedule, *, modules: Iterable[str] | None = None,
                  ignore: Iterable[str] | None = None, signal: str = "magnitude", seed: int = 0) -> None:
-        _check_choice(signal, SIGNALS, "signal")
+        check_choice(signal, SIGNALS, "signal")
         self.model = model
         self.schedule = schedule
         self.signal = signal
@@ -112,7 +112,7 @@ class GradualPruner:
 
     def _grow(self, sparsity: float) -> None:
         seed = self._generator_seed + self.steps if self.signal == "random" else None  # a fresh draw per update
-        with _seeded(seed):
+        with seeded_draws(seed):
             grow_masks_(self.modules, sparsity, scope=self.schedule.scope, signal=self.signal)
 
     def step(self) -> float:

@@ -69,13 +69,13 @@ def check_sparsity(value: float, name: str = "sparsity") -> float:
     return float(value)
 
 
-def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+def check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
     if value not in choices:
         raise InvalidArgumentError(f"{name} must be one of {choices}, got {value!r}")
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
+def seeded_draws(seed: int | None) -> Iterator[None]:
     """Draw from ``seed`` without moving the caller's random stream (``None``: no draws are made)."""
     if seed is None:
         yield
@@ -199,11 +199,11 @@ def magnitude_masks_(model: nn.Module, sparsity: float, *, scope: str = "local",
         (0.7, False)
     """
     sparsity = check_sparsity(sparsity)
-    _check_choice(scope, SCOPES, "scope")
-    _check_choice(signal, SIGNALS, "signal")
+    check_choice(scope, SCOPES, "scope")
+    check_choice(signal, SIGNALS, "signal")
     found = resolve_modules(model, modules, ignore)
     install_masks_(found)
-    with _seeded(seed if signal == "random" else None):
+    with seeded_draws(seed if signal == "random" else None):
         grow_masks_(found, sparsity, scope=scope, signal=signal)
     return SparsityReport(sparsity, overall_sparsity(found), scope, signal, module_sparsity(found))
 
