@@ -16,7 +16,9 @@ from .api import prune, prune_
 from .errors import GraphpruneError, InvalidArgumentError, PruneError, UnsupportedModelError, UntracedCodeError
 from .graph import TraceGraph
 from .groups import ChannelGroup, Groups, Member, classifier_names, find_groups
-from .plan import AttrPatch, ParamEdit, Plan, PlanConfig, make_plan, removal_table, select_channels
+from .patches import AttrPatch
+from .plan import ParamEdit, Plan, make_plan
+from .selection import PlanConfig, removal_table, select_channels
 from .removal import apply_plan_
 from .scoring import SCORERS, get_scorer, list_scorers, register_scorer
 from .tracer import trace

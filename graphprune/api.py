@@ -23,7 +23,8 @@ from .errors import InvalidArgumentError, PruneError
 from .groups import Groups, find_groups
 from .inputs import ExampleInputs, as_examples
 from .latency.select import LatencyConfig, check_latency_reduction, plan_for_latency
-from .plan import Plan, PlanConfig, check_ratio, make_plan
+from .plan import Plan, make_plan
+from .selection import PlanConfig, check_ratio
 from .removal import apply_plan_
 from .scoring import get_scorer
 from .scoring.registry import Scorer
@@ -222,7 +223,7 @@ def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: floa
             those: each is traced (the graph is the union of the paths they take) and the
             pruned model verified on each; ``None`` uses one image of ``pretrained_cfg["input_size"]``.
         ratio: fraction of each group's channels to remove, in ``[0, 1)``; each group loses the
-            whole count nearest ``ratio * size`` (:func:`graphprune.plan.removal_count`).
+            whole count nearest ``ratio * size`` (:func:`graphprune.selection.removal_count`).
         flops_reduction: instead of ``ratio``: the fraction of MACs to remove, in ``(0, 1)``;
             the ratio is searched on the graph's MAC estimate and the result is verified
             with fvcore to within one percentage point.

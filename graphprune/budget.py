@@ -16,7 +16,7 @@ import torch
 from ._runtime import sorted_unique
 from .errors import InvalidArgumentError
 from .groups import Groups
-from .plan import PlanConfig, select_channels
+from .selection import PlanConfig, select_channels
 
 
 def check_flops_reduction(value: float) -> float:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import GraphpruneError, InvalidArgumentError
-from .plan import PlanConfig
+from .selection import PlanConfig
 from .scoring import list_scorers
 from .sources import RandomWeightsWarning
 

@@ -196,7 +196,7 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
          ('1.bias', 0), ('3.weight', 1)]
     """
     ignore = tuple(ignore)
-    store, classes = graph.store, graph.classes
+    classes = graph.classes
     frozen = graph.frozen.copy()
     reasons: dict[str, str] = {}
     ignored_classes: dict[int, str] = {}

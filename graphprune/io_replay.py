@@ -29,7 +29,8 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 from .io_record import ModelFileError
-from .plan import PLAN_FORMAT, AttrPatch, Plan
+from .patches import AttrPatch
+from .plan import PLAN_FORMAT, Plan
 
 # Attributes a channel removal never changes: geometry, not widths. A plan may not patch them.
 FIXED_ATTRIBUTES = frozenset({

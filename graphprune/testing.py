@@ -14,7 +14,8 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 from .groups import Groups
-from .plan import make_plan, removal_count
+from .plan import make_plan
+from .selection import removal_count
 from .removal import apply_plan_
 
 

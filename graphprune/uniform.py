@@ -37,7 +37,8 @@ from . import hf_contract
 from .errors import PruneError
 from .groups import ChannelGroup, Groups, find_groups
 from .inputs import ExampleInputs, as_args
-from .plan import make_plan, select_channels
+from .plan import make_plan
+from .selection import select_channels
 from .scoring import get_scorer
 from .scoring.registry import Scorer
 from .tracer import trace

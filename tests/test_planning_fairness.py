@@ -18,7 +18,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.assets import CifarResNet
-from graphprune.plan import producer_segments, removal_count
+from graphprune.selection import producer_segments, removal_count
 from graphprune.testing import zeroed_then_removed
 
 

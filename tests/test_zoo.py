@@ -15,7 +15,7 @@ import torch
 
 import graphprune as gp
 from graphprune.api import apply_verified_
-from graphprune.plan import removal_count
+from graphprune.selection import removal_count
 from graphprune.testing import pick_channels, zero_channels_
 
 ZOO = [
@@ -72,7 +72,7 @@ KNOWN_DEFECTS: dict[str, str] = {}  # open defects (strict xfail: a fix turns th
 # eva02: EvaAttention ends with reshape(B, N, C), C read from its input's shape, so the attention width
 # must equal the residual width, and RoPE (pairwise strided slices) pins head_dim: the residual stream
 # and every block's heads form one group of 3 whole-head channels; ratio 0.3 removes the nearest
-# count, 1 of 3 (graphprune.plan.removal_count)
+# count, 1 of 3 (graphprune.selection.removal_count)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[n]))

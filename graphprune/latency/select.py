@@ -31,7 +31,8 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..groups import Groups
 from ..residual import residual_groups
-from ..plan import NORMALIZERS, Plan, PlanConfig, removal_cap, checked_scores, keep_members_nonempty, make_plan
+from ..plan import Plan, make_plan
+from ..selection import NORMALIZERS, PlanConfig, checked_scores, keep_members_nonempty, removal_cap
 from .predict import LatencyModel
 from .table import LatencyTable, OpSpec
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgumentError
-from ..plan import PlanConfig
+from ..selection import PlanConfig
 from ..scoring import get_scorer
 
 FINETUNE_MODES = ("full", "linear")

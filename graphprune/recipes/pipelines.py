@@ -28,7 +28,7 @@ from .config import FinetuneConfig, PruneConfig, RunConfig, TransferConfig  # no
 from .data import TransferData
 from .finetune import classifier_of  # noqa: F401  (docstring examples)
 from .records import RecipeResult
-from .run import RecipeRun, check_data, on_device  # noqa: F401  (check_data, on_device: re-exported)
+from .run import RecipeRun
 
 
 def _check_prune(prune: PruneConfig, recipe: str) -> None:

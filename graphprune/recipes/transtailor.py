@@ -32,7 +32,8 @@ from torch import nn
 
 from ..api import HISTORY_ATTR, prune_, record_plan
 from ..groups import Groups, classifier_names
-from ..plan import Plan, PlanConfig
+from ..plan import Plan
+from ..selection import PlanConfig
 from ..removal import apply_plan_
 from ..scoring.target_taylor import fit_channel_scales
 from .config import FinetuneConfig, RunConfig, TransTailorConfig  # noqa: F401  (docstring examples)

@@ -7,7 +7,7 @@ channels, dim 1 over the output channels of one group. So:
 * *whole groups* (``groups >= C_in / groups``, as for :mod:`~graphprune.rules.layers`'
   forward conv; depthwise): the input channels and output channels of conv group ``k``
   form one removable unit, weight dim 1 (local) stays, and ``groups`` shrinks (the plan
-  patches it, :func:`graphprune.plan._conv_groups_patch`);
+  patches it, :func:`graphprune.patches._conv_groups_patch`);
 * *aligned slices* (few wide groups): local input index ``i`` of every group is one unit
   and so is local output index ``j``, so ``groups`` stays and each group narrows.
 
