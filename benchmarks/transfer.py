@@ -125,7 +125,9 @@ DISTILL = 0.7  # FinetuneConfig.distill of the "+kd" variants (temperature: the 
 ALL_SCORERS = ("l1", "random", "target_taylor", "classmean", "classmean+reuse", "classmean+align",
                "classmean+reuse+align", "tp_l1", "tp_taylor",
                # residual streams kept whole (PruneConfig.residual_scale=0): the budget met inside the blocks
-               "l1+res0", "target_taylor+res0", "classmean+align+res0", "classmean+reuse+align+res0")
+               "l1+res0", "target_taylor+res0", "classmean+align+res0", "classmean+reuse+align+res0",
+               # and distilled from the unpruned S->T model while it recovers (FinetuneConfig.distill)
+               "target_taylor+res0+kd", "classmean+align+res0+kd")
 # the core set: the two strongest graphprune recipes of the previous Flowers run (with and without the
 # residual streams pruned), Torch-Pruning group L1
 CORE_SCORERS = ("target_taylor", "classmean+align", "target_taylor+res0", "classmean+align+res0", "tp_l1")
