@@ -127,7 +127,7 @@ ALL_SCORERS = ("l1", "random", "target_taylor", "classmean", "classmean+reuse", 
                # residual streams kept whole (PruneConfig.residual_scale=0): the budget met inside the blocks
                "l1+res0", "target_taylor+res0", "classmean+align+res0", "classmean+reuse+align+res0",
                # and distilled from the unpruned S->T model while it recovers (FinetuneConfig.distill)
-               "target_taylor+res0+kd", "classmean+align+res0+kd")
+               "target_taylor+kd+res0", "classmean+align+kd+res0")
 # the core set: the two strongest graphprune recipes of the previous Flowers run (with and without the
 # residual streams pruned), Torch-Pruning group L1
 CORE_SCORERS = ("target_taylor", "classmean+align", "target_taylor+res0", "classmean+align+res0", "tp_l1")
