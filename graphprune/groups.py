@@ -195,40 +195,56 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
         [('0.weight', 0), ('0.bias', 0), ('1.running_mean', 0), ('1.running_var', 0), ('1.weight', 0),
          ('1.bias', 0), ('3.weight', 1)]
     """
-    ignore = tuple(ignore)
-    classes = graph.classes
+    frozen, reasons, ignored_classes = _freeze_ignored(graph, tuple(ignore), model)
+    entries = _entries(graph)
+    pairs = _member_pairs(entries, frozen.size)
+    if pairs is None:
+        return Groups((), graph, reasons, ignored_classes)
+    return Groups(_build_groups(graph, entries, frozen, *pairs), graph, reasons, ignored_classes)
+
+
+def _freeze_ignored(graph: TraceGraph, ignore: tuple[str, ...], model: nn.Module | None
+                    ) -> tuple[np.ndarray, dict[str, str], dict[int, str]]:
+    """The frozen mask with every class an ``ignore`` entry's parameters carry added, the
+    ignored parameter names, and the entry that froze each class."""
     frozen = graph.frozen.copy()
     reasons: dict[str, str] = {}
     ignored_classes: dict[int, str] = {}
-    names = list(graph.state_infos)
     if model is not None and ignore:
         known = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
         unknown = [n for n in ignore if n not in known]
         if unknown:
             raise InvalidArgumentError(f"ignore names no module or parameter of the model: {unknown}")
-    for name in names:
+    for name in graph.state_infos:
         matched = next((i for i in ignore if name == i or name.startswith(i + ".")), None)
         if matched is not None:
             for d in graph.state_infos[name].dims:
                 if d is not None:
-                    hit = classes[d[d >= 0]]
+                    hit = graph.classes[d[d >= 0]]
                     frozen[hit] = True
                     for c in sorted_unique(hit):
                         ignored_classes.setdefault(int(c), f"ignore={matched!r}")
             reasons[name] = "ignored"
+    return frozen, reasons, ignored_classes
 
-    # members: every (parameter, dim) that carries elements
-    entries = []  # (name, dim, class per index)
-    for name in names:
-        for dim, elems in enumerate(graph.state_infos[name].dims):
-            if elems is None:
-                continue
-            cls = np.where(elems >= 0, classes[np.maximum(elems, 0)], -1)
-            entries.append((name, dim, cls))
+
+def _entries(graph: TraceGraph) -> list[tuple[str, int, np.ndarray]]:
+    """Every (parameter, dim) that carries elements, with the class of each index (-1: none)."""
+    entries = []
+    for name, info in graph.state_infos.items():
+        for dim, elems in enumerate(info.dims):
+            if elems is not None:
+                entries.append((name, dim, np.where(elems >= 0, graph.classes[np.maximum(elems, 0)], -1)))
+    return entries
+
+
+def _member_pairs(entries: list[tuple[str, int, np.ndarray]], n_classes: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """One (entry, class) pair per class an entry carries, for the entries that are members,
+    with the kept-entry mask and how many entries carry each class (``None``: no member at all).
+    Every step is linear in the pairs."""
     if not entries:
-        return Groups((), graph, reasons, ignored_classes)
-    # one (entry, class) pair per class an entry carries: every step below is linear in the pairs
-    n_classes = frozen.size
+        return None
     n_entries = len(entries)
     valid = [cls[cls >= 0] for _, _, cls in entries]
     pair_entry = np.repeat(np.arange(n_entries, dtype=np.int64), [v.size for v in valid])
@@ -239,11 +255,17 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
     carried = np.bincount(pair_class, minlength=n_classes)
     # a dim whose classes are all carried by it alone (kernel taps, token positions) is no member
     kept_entry = np.bincount(pair_entry, weights=carried[pair_class] >= 2, minlength=n_entries) > 0
-    keep_pair = kept_entry[pair_entry]
-    pair_entry, pair_class = pair_entry[keep_pair], pair_class[keep_pair]
     if not kept_entry.any():
-        return Groups((), graph, reasons, ignored_classes)
-    # connect classes that share a member: components are the groups
+        return None
+    keep_pair = kept_entry[pair_entry]
+    return pair_entry[keep_pair], pair_class[keep_pair], kept_entry, carried
+
+
+def _build_groups(graph: TraceGraph, entries: list[tuple[str, int, np.ndarray]], frozen: np.ndarray,
+                  pair_entry: np.ndarray, pair_class: np.ndarray, kept_entry: np.ndarray,
+                  carried: np.ndarray) -> tuple[ChannelGroup, ...]:
+    """Connect classes that share a member: each connected component is one group."""
+    n_classes, n_entries = frozen.size, len(entries)
     adjacency = coo_matrix((np.ones(pair_entry.size, np.int8), (pair_entry, n_entries + pair_class)),
                            shape=(n_entries + n_classes, n_entries + n_classes))
     _, component = connected_components(adjacency, directed=False)
@@ -261,7 +283,7 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
     sorted_classes = pair_class[order]
     lookup = np.full(n_classes, -1, dtype=np.int64)
     groups = []
-    for (comp, entry_ids), (lo, hi) in zip(by_component.items(), bounds.tolist()):
+    for entry_ids, (lo, hi) in zip(by_component.values(), bounds.tolist()):
         group_classes = sorted_unique(sorted_classes[lo:hi])
         lookup[group_classes] = np.arange(group_classes.size)
         members = []
@@ -270,14 +292,12 @@ def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Modu
             name, dim, cls = entries[k]
             channel = np.where(cls >= 0, lookup[np.maximum(cls, 0)], -1)
             channel.setflags(write=False)
-            elems = graph.state_infos[name].dims[dim]
-            members.append(Member(name, dim, channel, _role(graph, name, dim, elems)))
-            counts = np.bincount(channel[channel >= 0], minlength=group_classes.size)
-            width = np.maximum(width, counts)
+            members.append(Member(name, dim, channel, _role(graph, name, dim, graph.state_infos[name].dims[dim])))
+            width = np.maximum(width, np.bincount(channel[channel >= 0], minlength=group_classes.size))
         lookup[group_classes] = -1
         prunable = ~frozen[group_classes] & (carried[group_classes] >= 2)
         statistic = graph.statistic[group_classes].copy()
         for array in (prunable, width, group_classes, statistic):
             array.setflags(write=False)
         groups.append(ChannelGroup(len(groups), tuple(members), prunable, width, group_classes, statistic))
-    return Groups(tuple(groups), graph, reasons, ignored_classes)
+    return tuple(groups)
