@@ -149,9 +149,10 @@ def kernel_masks_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
                            ignore: Iterable[str] | None = None, seed: int = 0) -> tuple[dict[str, int], BudgetResult]:
     """As :func:`kernel_prune_to_flops_`, as kernel-shaped masks on the dense convs (to train at dense speed).
 
-    ``BudgetResult.macs_after`` is the effective MACs, equal to what the
+    ``BudgetResult.macs_after`` is the MACs of the kept kernels, equal to what the
     :class:`~graphprune.sparsity.kernel_conv.KernelConv2d` form counts
-    (:func:`~graphprune.sparsity.kernel_masks.kernel_convs_from_masks_` makes it).
+    (:func:`~graphprune.sparsity.kernel_masks.kernel_convs_from_masks_` makes it); a weight
+    that is exactly zero inside a kept kernel still counts, as it does in that form.
 
     Example:
         >>> import timm, torch
@@ -164,7 +165,7 @@ def kernel_masks_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
     """
     target, count, convs, layers, wanted_counts = _kernel_budget(model, example_inputs, flops_reduction, ignore)
     counts = kernel_masks_(model, wanted_counts, signal=signal, seed=seed)
-    after = effective_macs(model, example_inputs, {name: convs[name] for name in counts})
+    after = count.macs - _removed({name: layers[name] for name in counts}, counts)
     kept = sum(counts[n] * layers[n][2] for n in counts) / sum(cin * cout for _, cin, cout in layers.values())
     return counts, BudgetResult("kernel", target, 1.0 - after / count.macs, count.macs, after, 1.0 - kept)
 
