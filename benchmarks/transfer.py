@@ -329,7 +329,7 @@ def run_variant(task_name: str, task: Task, variant: Variant, seed: int, source:
     run = R.RunConfig(seed=seed, progress=False)
     if variant.recipe == "SP->T":  # the same training budget (steps x MACs) as S->T
         epochs = task.source.epochs / (1 - variant.budget)
-        prune = R.PruneConfig(scorer=variant.scorer, flops_reduction=variant.budget)
+        prune = R.PruneConfig(scorer=variant.scorer, flops_reduction=variant.budget, residual_scale=variant.residual)
         target = replace(task.source, epochs=epochs, norm_stats=task.target.norm_stats)  # after pruning
         model, result = R.sp_t(source, data, R.TransferConfig(prune=prune, target=target, run=run))
         return _row(task_name, task, variant, "SP->T", seed, model, data, test, base_macs, started, placement,

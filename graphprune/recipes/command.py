@@ -43,7 +43,7 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
         >>> _configs(build_parser().parse_args(argv)).prune.granularity
         'kernel'
     """
-    from .config import FinetuneConfig
+    from .config import FinetuneConfig, PruneConfig
 
     defaults = FinetuneConfig()
     parser = subparsers.add_parser(
@@ -70,8 +70,9 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
                         help="what s_tp_t / sp_t prune: whole channels (default), K x K kernels (saved as "
                              "KernelConv2d layers) or single weights (saved as zeros); the fine ones need "
                              "--flops-reduction (of nonzero-weight MACs for unstructured)")
-    parser.add_argument("--residual-scale", type=float, default=1.0, metavar="S",
-                        help="prune residual streams at S times the others' ratio (0: keep them whole; default 1)")
+    parser.add_argument("--residual-scale", type=float, default=PruneConfig.residual_scale, metavar="S",
+                        help="prune residual streams at S times the others' ratio (default "
+                             f"{PruneConfig.residual_scale:g}: keep them whole; 1: like every other group)")
     parser.add_argument("--classifier-reuse", action="store_true", help="S->TP->T: keep the fine-tuned classifier")
     parser.add_argument("--alignment-weight", type=float, default=0.0, metavar="W",
                         help="class-mean alignment loss weight (default 0)")

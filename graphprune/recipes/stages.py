@@ -87,8 +87,8 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
         >>> data = TransferData(loader, loader, ("a", "b"))
         >>> model = timm.create_model("resnet18", pretrained=False, num_classes=2)
         >>> record = prune_stage_(model, data, PruneConfig(flops_reduction=None, ratio=0.5), progress=False)
-        >>> record.details["flops_reduction"] > 0.5
-        True
+        >>> round(record.details["flops_reduction"], 2)  # half of every block-internal width (residual_scale=0)
+        0.46
     """
     from ..measurement import count_macs
 
