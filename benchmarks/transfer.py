@@ -607,10 +607,15 @@ def plot(rows: list[dict], path: Path) -> None:
                                  capsize=3, color="#8c564b", label=None if "spt" in seen else "SP->T l1, same budget")
                 seen.add("spt")
                 continue
-            marker = "*" if e["recipe"] == "TransTailor" else STYLE[e["toolkit"]]
-            color = "#e377c2" if e["recipe"] == "TransTailor" else COLORS.get(e["variant"], "#e377c2")
+            flags = e["variant"].split("+")
+            base = "+".join(f for f in flags if f != "kd" and not f.startswith("res"))
+            # a variant's colour is its scorer's; residual streams kept (+res0): hollow; distilled (+kd): diamond
+            marker = "*" if e["recipe"] == "TransTailor" else "D" if "kd" in flags else STYLE[e["toolkit"]]
+            color = "#e377c2" if e["recipe"] == "TransTailor" else COLORS.get(base, "#e377c2")
+            hollow = any(f.startswith("res") for f in flags)
             ax.errorbar(100 * e["flops_reduction"] + offset.get(label, 0.0), e["test_accuracy"],
                         yerr=e["test_accuracy_std"], fmt=marker, capsize=3, color=color,
+                        markerfacecolor="white" if hollow else color, markeredgewidth=1.5,
                         markersize=11 if e["recipe"] == "TransTailor" else 6,
                         label=None if label in seen else label.replace("S->TP->T ", ""), alpha=0.9)
             seen.add(label)
@@ -627,8 +632,9 @@ def plot(rows: list[dict], path: Path) -> None:
             target.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
         compute.legend(fontsize=8, loc="lower left")
-    fig.suptitle("Transfer: test accuracy vs measured FLOPs reduction. Circles: graphprune; squares: "
-                 "Torch-Pruning; star: TransTailor; triangles: SP->T", fontsize=10)
+    fig.suptitle("Transfer: test accuracy vs measured FLOPs reduction.\nCircles: graphprune (hollow: residual "
+                 "streams kept, +res0; diamonds: +kd); squares: Torch-Pruning; star: TransTailor; triangles: SP->T",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
