@@ -106,6 +106,31 @@ def _norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
 
+def _kept_index(norms: dict, ref_norms: dict, kept: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """The kept reference channels of each narrowed norm; refuses a width that matches neither."""
+    index = {name: torch.as_tensor(list(kept[name]), dtype=torch.long) for name in norms if name in kept}
+    for name, norm in norms.items():
+        width = len(index[name]) if name in index else ref_norms[name].running_mean.numel()
+        if width != norm.running_mean.numel():
+            raise InvalidArgumentError(f"{name}: {norm.running_mean.numel()} channels, {width} in the reference; "
+                                       "pass the kept channels of a narrowed layer in kept=")
+    return index
+
+
+def _corrected(mean_0: torch.Tensor, var_0: torch.Tensor, mean_ref: torch.Tensor, var_ref: torch.Tensor,
+               mean_now: torch.Tensor, var_now: torch.Tensor, eps: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics under which a norm's output on input moments ``(mean_now, var_now)`` has the
+    per-channel mean and variance it had with ``(mean_0, var_0)`` on ``(mean_ref, var_ref)``;
+    and the channels whose input did not move (they keep ``mean_0, var_0`` bit for bit)."""
+    scale = torch.where(var_ref > 0, var_now / var_ref.clamp_min(1e-300), torch.ones_like(var_ref))
+    var = ((var_0 + eps) * scale - eps).clamp_min(0.0)  # sqrt(var + eps) scales with the input's std
+    # the output's mean (mean_ref - mean_0) / sqrt(var_0 + eps) is kept as well
+    mean = mean_now - (mean_ref - mean_0) * ((var + eps) / (var_0 + eps)).sqrt()
+    same = (mean_now == mean_ref) & (var_now == var_ref)
+    return torch.where(same, mean_0, mean), torch.where(same, var_0, var), same
+
+
 def shift_norms_(model: nn.Module, reference: nn.Module, batches: Iterable, *,
                  kept: Mapping[str, Sequence[int]] | None = None, max_batches: int | None = None,
                  placement: Placement | None = None) -> int:
@@ -157,15 +182,9 @@ def shift_norms_(model: nn.Module, reference: nn.Module, batches: Iterable, *,
     norms = {name: norm for name, norm in norms.items() if name in ref_norms}
     if not norms:
         return 0
-    kept = kept or {}
-    index = {name: torch.as_tensor(list(kept[name]), dtype=torch.long) for name in norms if name in kept}
+    index = _kept_index(norms, ref_norms, kept or {})
     original = {name: (norm.running_mean.detach().double().clone(), norm.running_var.detach().double().clone())
                 for name, norm in norms.items()}
-    for name, (mean_0, _) in original.items():
-        width = len(index[name]) if name in index else ref_norms[name].running_mean.numel()
-        if width != mean_0.numel():
-            raise InvalidArgumentError(f"{name}: {mean_0.numel()} channels, {width} in the reference; pass the kept "
-                             "channels of a narrowed layer in kept=")
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     totals = {name: [torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m, dtype=torch.bool)]
               for name, (m, _) in original.items()}
@@ -180,16 +199,7 @@ def shift_norms_(model: nn.Module, reference: nn.Module, batches: Iterable, *,
 
     def correct(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            mean_ref, var_ref = seen[name]
-            mean_now, var_now = _batch_moments(args[0])
-            mean_0, var_0 = original[name]
-            eps = module.eps
-            scale = torch.where(var_ref > 0, var_now / var_ref.clamp_min(1e-300), torch.ones_like(var_ref))
-            var = ((var_0 + eps) * scale - eps).clamp_min(0.0)  # sqrt(var + eps) scales with the input's std
-            # the output's mean (mean_ref - mean_0) / sqrt(var_0 + eps) is kept as well
-            mean = mean_now - (mean_ref - mean_0) * ((var + eps) / (var_0 + eps)).sqrt()
-            same = (mean_now == mean_ref) & (var_now == var_ref)  # untouched channels keep their bits
-            mean, var = torch.where(same, mean_0, mean), torch.where(same, var_0, var)
+            mean, var, same = _corrected(*original[name], *seen[name], *_batch_moments(args[0]), module.eps)
             total = totals[name]
             total[0] += mean
             total[1] += var
