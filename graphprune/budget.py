@@ -77,13 +77,27 @@ def select_for_flops(groups: Groups, scores: Mapping[int, torch.Tensor], flops_r
         else:
             low, low_chosen = mid, picked
     # a uniform ratio moves in jumps where many groups gain a channel at once (6 heads each
-    # lose 3 at ratio 0.5, or 8 channels everywhere with round_to=8): move groups one by one from
-    # the selection just below the target to the one above, largest saving first while it fits,
-    # then the smallest step that crosses the target
-    low_value = 1.0 - graph.estimate_macs(removed_classes(groups, low_chosen)) / base
+    # lose 3 at ratio 0.5, or 8 channels everywhere with round_to=8): refine between the two
+    refined = _refine_between(groups, low_chosen, found_chosen, flops_reduction, base)
+    if refined is not None:
+        return high_ratio, *refined
+    return high_ratio, found_chosen, found
+
+
+def _refine_between(groups: Groups, low_chosen: dict[int, tuple[int, ...]], found_chosen: dict[int, tuple[int, ...]],
+                    flops_reduction: float, base: int) -> tuple[dict[int, tuple[int, ...]], float] | None:
+    """From the selection just below the target, move groups one by one to the one above:
+    largest saving first while it fits, then the smallest step that crosses the target, then give
+    back what overshoots. ``None`` when nothing differs or no mix reaches the target."""
+    graph = groups.graph
+
+    def estimate(chosen: dict[int, tuple[int, ...]]) -> float:
+        return 1.0 - graph.estimate_macs(removed_classes(groups, chosen)) / base
+
+    low_value = estimate(low_chosen)
     differing = sorted(g for g in found_chosen if found_chosen[g] != low_chosen.get(g))
     if not differing:
-        return high_ratio, found_chosen, found
+        return None
     deltas = _MacsDeltas(groups).savings(low_chosen, {g: found_chosen[g] for g in differing})
     need = flops_reduction - low_value
     selection, taken, rest = dict(low_chosen), 0.0, []
@@ -94,9 +108,6 @@ def select_for_flops(groups: Groups, scores: Mapping[int, torch.Tensor], flops_r
             rest.append(gid)
     # savings interact a little (a product scales with its input and output widths), so the
     # predictions steer and the whole-graph estimate decides, a bounded number of times
-    def estimate(chosen: dict[int, tuple[int, ...]]) -> float:
-        return 1.0 - graph.estimate_macs(removed_classes(groups, chosen)) / base
-
     value = estimate(selection)
     for gid in sorted(rest, key=lambda g: (deltas[g], g)):  # the smallest move that crosses
         if value >= flops_reduction:
@@ -121,9 +132,7 @@ def select_for_flops(groups: Groups, scores: Mapping[int, torch.Tensor], flops_r
         trial_value = estimate(trial)
         if flops_reduction <= trial_value < value:
             selection, value = trial, trial_value
-    if value >= flops_reduction:
-        return high_ratio, selection, value
-    return high_ratio, found_chosen, found
+    return (selection, value) if value >= flops_reduction else None
 
 
 class _MacsDeltas:
