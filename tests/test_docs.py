@@ -9,6 +9,12 @@
   ``<!-- needs: shared-data, efficientnet-lite0 -->`` (the tutorials: real weights, real
   data). Its examples are skipped, with the reason, when an asset is missing locally, and
   fail under ``CI=true``, through the fixtures of ``tests/conftest.py``.
+* What a block prints is its page's claim: where a ```text block follows a ```python block
+  directly, it must equal the block's standard output (trailing spaces aside). Each page runs
+  from seed 0 (``torch``, ``random``, NumPy), so pages that build random models are
+  reproducible. A comment such as ``<!-- output: varies -->`` or ``<!-- output: on stderr -->``
+  on the line before the ```text block exempts it; ``GRAPHPRUNE_DOCS_UPDATE=1`` rewrites the
+  shown outputs from a run instead of failing.
 * A block preceded by ``<!-- script: NAME.py -->`` is also a standalone script; the slow
   tier launches it under ``torchrun`` on two processes (the torchrun how-to).
 * ``mkdocs build --strict`` passes, and every relative link and anchor of the built site
@@ -21,8 +27,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html.parser
+import io
+import random
 import importlib.util
 import os
 import re
@@ -32,7 +41,9 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import pytest
+import torch
 
 import graphprune as gp
 from graphprune import rules
@@ -70,6 +81,27 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
     return blocks
 
 
+def shown_outputs(text: str) -> dict[int, tuple[int, int, str, str]]:
+    """For each ```python block (by line) followed directly by a ```text block, unless that is
+    marked ``<!-- output: varies -->``: the text block's body span in ``text``, its text and indent.
+    Prose between the two blocks means the text block is not the code's output."""
+    fences = list(_FENCE.finditer(text))
+    shown = {}
+    for match, after in zip(fences, fences[1:]):
+        if match.group("lang") not in ("python", "py") or after.group("lang") != "text":
+            continue
+        if text[match.end():after.start()].strip():  # prose, or the varies marker
+            continue
+        indent = after.group("indent")
+        body = "\n".join(line[len(indent):].rstrip() for line in after.group("body").splitlines())
+        shown[text.count("\n", 0, match.start()) + 1] = (after.start("body"), after.end("body"), body.strip(), indent)
+    return shown
+
+
+def _printed(output: str) -> str:
+    return "\n".join(line.rstrip() for line in output.splitlines()).strip()
+
+
 def page_needs(text: str) -> list[str]:
     """The assets a page declares with ``<!-- needs: a, b -->``; unknown names raise."""
     names = [n.strip() for m in _NEEDS.finditer(text) for n in m.group("names").split(",") if n.strip()]
@@ -93,6 +125,16 @@ def page_scripts(text: str) -> dict[str, str]:
 def test_python_blocks_are_found():
     text = "a\n```python\nx = 1\n```\n<!-- skip: downloads -->\n```python\ny = 2\n```\n```text\nz\n```\n"
     assert python_blocks(text) == [(2, "x = 1", False), (6, "y = 2", True)]
+
+
+def test_shown_outputs_pair_a_block_with_the_text_right_after_it():
+    text = ("```python\nprint(1)\n```\n\n```text\n1  \n```\n"          # paired (trailing spaces dropped)
+            "```python\nprint(2)\n```\nprose\n```text\n2\n```\n"       # prose in between: not paired
+            "```python\nprint(3)\n```\n<!-- output: varies -->\n```text\n3\n```\n")  # exempt
+    shown = shown_outputs(text)
+    assert list(shown) == [1] and shown[1][2] == "1"
+    start, end, _, _ = shown[1]
+    assert text[start:end] == "1  \n"
 
 
 def test_page_needs_are_found():
@@ -136,14 +178,32 @@ def test_page_examples_run(page, tmp_path, monkeypatch, registries_restored, req
             pytest.skip(f"docs/{page} needs {need}: {skipped.msg}")
     monkeypatch.chdir(tmp_path)  # pages write files (saved models) into the working directory
     namespace = {"__name__": f"docs_{Path(page).stem.replace('-', '_')}"}
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    shown, printed = shown_outputs(text), {}
     for line, code, skipped in python_blocks(text):
         if skipped:
             continue
+        output = io.StringIO()
         try:
-            exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
+            with contextlib.redirect_stdout(output):
+                exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
         except Exception as error:
             raise AssertionError(f"docs/{page}, the python block at line {line} failed: "
                                  f"{type(error).__name__}: {error}") from error
+        printed[line] = _printed(output.getvalue())
+    stale = {line: printed[line] for line, (_, _, body, _) in shown.items() if line in printed and printed[line] != body}
+    if stale and os.environ.get("GRAPHPRUNE_DOCS_UPDATE") == "1":
+        for line in sorted(stale, key=lambda n: -shown[n][0]):  # from the end: spans stay valid
+            start, end, _, indent = shown[line]
+            text = text[:start] + "".join(f"{indent}{row}\n" if row else "\n" for row in stale[line].split("\n")) + text[end:]
+        (DOCS / page).write_text(text, encoding="utf-8")
+        return
+    for line, got in stale.items():
+        raise AssertionError(f"docs/{page}: the python block at line {line} prints\n{got}\n\nbut the page shows\n"
+                             f"{shown[line][2]}\n(GRAPHPRUNE_DOCS_UPDATE=1 rewrites it; <!-- output: varies --> "
+                             "exempts it)")
 
 
 def test_skipped_blocks_are_rare():
