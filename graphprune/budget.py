@@ -64,9 +64,11 @@ def select_for_flops(groups: Groups, scores: Mapping[int, torch.Tensor], flops_r
     high = 0.99
     best, chosen = reduction(high)
     if best < flops_reduction:
+        scale = (config or PlanConfig()).residual_scale
+        kept = "" if scale == 1 else f", or on residual streams kept by residual_scale={scale:g}"
         raise InvalidArgumentError(
             f"a {flops_reduction:.0%} FLOPs reduction is out of reach: removing 99% of every prunable group "
-            f"saves only {best:.1%} (the rest is frozen; see find_groups(...).report())")
+            f"saves only {best:.1%} (the rest is frozen{kept}; see find_groups(...).report())")
     low, found, found_chosen = 0.0, best, chosen
     high_ratio, low_chosen = high, {}
     for _ in range(steps):

@@ -89,6 +89,13 @@ def test_timm_residual_streams_are_found_and_kept() -> None:
     assert all(widths[n] == before[n] for n in residual), (residual, widths)
 
 
+def test_out_of_reach_names_the_kept_streams(stage) -> None:
+    model, _ = stage
+    with pytest.raises(gp.InvalidArgumentError, match="residual streams kept by residual_scale=0"):
+        gp.prune(model, torch.randn(2, 4, dtype=torch.float64), flops_reduction=0.95,
+                 config=gp.PlanConfig(residual_scale=0.0))
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "0"])
 def test_a_bad_residual_scale_is_refused(bad) -> None:
     with pytest.raises(gp.InvalidArgumentError, match="residual_scale"):
