@@ -153,9 +153,7 @@ def select_channels(groups: Groups, scores: Mapping[int, torch.Tensor], *, ratio
     if round_to is not None:
         config = replace(config, round_to=round_to)
     checked = checked_scores(groups, scores)
-    residual = residual_groups(groups) if config.residual_scale < 1 else frozenset()
-    if config.residual_scale == 0:
-        exclude = exclude | residual
+    exclude, residual = residual_policy(groups, config, exclude)
     active = [g for g in groups if g.id not in exclude]
     checked = {g.id: _per_segment(g, checked[g.id], config.normalize) for g in active}
     counts: dict[int, int] = {}
@@ -233,6 +231,26 @@ def _per_segment(group: ChannelGroup, score: torch.Tensor, normalize: str) -> to
         inside = torch.from_numpy(segments == segment)
         normalized[inside] = NORMALIZERS[normalize](score[inside])
     return normalized
+
+
+def residual_policy(groups: Groups, config: PlanConfig, exclude: frozenset[int] = frozenset()
+                    ) -> tuple[frozenset[int], frozenset[int]]:
+    """``config.residual_scale`` as ``(groups to skip, residual groups weighed by the scale)``:
+    at 0 the residual groups join ``exclude``; at 1 nothing changes.
+
+    Example:
+        >>> import torch, graphprune as gp
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> groups = gp.find_groups(gp.trace(net, torch.randn(1, 4)))
+        >>> residual_policy(groups, PlanConfig(residual_scale=0.5))  # no skip connection
+        (frozenset(), frozenset())
+    """
+    if config.residual_scale == 1:
+        return exclude, frozenset()
+    residual = residual_groups(groups)
+    if config.residual_scale == 0:
+        return exclude | residual, frozenset()
+    return exclude, residual
 
 
 def _global_counts(active: list[ChannelGroup], scores: dict[int, torch.Tensor], ratio: float,

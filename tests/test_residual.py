@@ -108,3 +108,20 @@ def test_the_recipe_config_passes_it_on() -> None:
     assert PruneConfig(residual_scale=0.0).plan_config().residual_scale == 0.0
     with pytest.raises(gp.InvalidArgumentError, match="residual_scale"):
         PruneConfig(residual_scale=2.0)
+
+
+def test_the_latency_selection_keeps_the_stream_too(stage) -> None:
+    from graphprune.latency.predict import LatencyModel
+    from graphprune.latency.select import select_for_latency
+    from graphprune.latency.table import LatencyTable
+
+    model, groups = stage
+    x = torch.randn(2, 4, dtype=torch.float64)
+    table = LatencyTable(path=False, timer=lambda spec, threads: 1e-3 * spec.in_width * spec.out_width)
+    latency = LatencyModel(model, groups.graph, x, table, width_step=1)
+    scores = {g.id: torch.arange(1.0, g.size + 1) for g in groups}
+    names = _by_name(groups)
+    every, _ = select_for_latency(groups, scores, latency, 0.5 * latency.predict_ms())
+    kept, _ = select_for_latency(groups, scores, latency, 0.5 * latency.predict_ms(),
+                                 config=gp.PlanConfig(residual_scale=0.0))
+    assert names["stem"] in every and names["stem"] not in kept and kept

@@ -30,9 +30,9 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..groups import Groups
-from ..residual import residual_groups
 from ..plan import Plan, make_plan
-from ..selection import NORMALIZERS, PlanConfig, checked_scores, keep_members_nonempty, removal_cap
+from ..selection import (NORMALIZERS, PlanConfig, checked_scores, keep_members_nonempty, removal_cap,
+                         residual_policy)
 from .predict import LatencyModel
 from .table import LatencyTable, OpSpec
 
@@ -148,10 +148,10 @@ def _moves(groups: Groups, scores: Mapping[int, torch.Tensor], config: PlanConfi
     checked = checked_scores(groups, scores)
     normalize = NORMALIZERS[config.normalize]
     step_default = max(width_step, config.round_to)
-    residual = residual_groups(groups) if config.residual_scale < 1 else frozenset()
+    exclude, residual = residual_policy(groups, config, exclude)
     moves = {}
     for group in groups:
-        if group.id in exclude or (group.id in residual and config.residual_scale == 0):
+        if group.id in exclude:
             continue
         cap = removal_cap(group, config)
         if cap <= 0:

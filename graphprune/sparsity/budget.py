@@ -163,7 +163,7 @@ def kernel_masks_to_flops_(model: nn.Module, example_inputs, flops_reduction: fl
         >>> count_macs(model, x) == result.macs_after
         True
     """
-    target, count, convs, layers, wanted_counts = _kernel_budget(model, example_inputs, flops_reduction, ignore)
+    target, count, _, layers, wanted_counts = _kernel_budget(model, example_inputs, flops_reduction, ignore)
     counts = kernel_masks_(model, wanted_counts, signal=signal, seed=seed)
     after = count.macs - _removed({name: layers[name] for name in counts}, counts)
     kept = sum(counts[n] * layers[n][2] for n in counts) / sum(cin * cout for _, cin, cout in layers.values())
