@@ -452,8 +452,11 @@ def run_job(task_name: str, task: Task, seed: int, out: Path) -> None:
 
 
 def run_jobs(jobs: list[tuple[str, int]], workers: int, quick: bool, threads: int, out: Path,
-             budgets: list[float] | None = None, variants: list[str] | None = None) -> None:
-    """Run jobs in ``workers`` parallel processes of ``threads`` torch threads each (a simple queue)."""
+             budgets: list[float] | None = None, variants: list[str] | None = None,
+             schedule: list[str] | None = None) -> None:
+    """Run jobs in ``workers`` parallel processes of ``threads`` torch threads each (a simple queue).
+
+    ``schedule``: the ``--source-epochs`` / ``--target-epochs`` arguments, passed on to every job."""
     pending = list(jobs)
     running: list[subprocess.Popen] = []
     logs = out.with_suffix(".log")
@@ -465,6 +468,7 @@ def run_jobs(jobs: list[tuple[str, int]], workers: int, quick: bool, threads: in
                         str(threads), "--out", str(out), "--no-report"] + (["--quick"] if quick else [])
                 argv += ["--budgets", *map(str, budgets)] if budgets else []
                 argv += ["--variants", *variants] if variants else []
+                argv += schedule or []
                 running.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
             time.sleep(2)
             running = [p for p in running if p.poll() is None]
@@ -698,6 +702,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the pruned variants at these FLOPs reductions (LP and S->T always run)")
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                         help="only the pruned variants of these names, e.g. classmean+align+res0 (LP and S->T always run)")
+    parser.add_argument("--source-epochs", type=float, default=None, metavar="E",
+                        help="override every task's S->T epochs (a schedule study; write it to its own --out)")
+    parser.add_argument("--target-epochs", type=float, default=None, metavar="E",
+                        help="override every task's epochs after pruning (a schedule study; its own --out)")
     parser.add_argument("--report", type=Path, default=None, help="only redraw the PNG and summary of this CSV")
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # job processes of a queue
     args = parser.parse_args(argv)
@@ -710,6 +718,15 @@ def main(argv: list[str] | None = None) -> None:
         tasks = {name: replace(task, variants=tuple(
             v for v in task.variants if (not args.budgets or v.budget in args.budgets)
             and (not args.variants or v.name in args.variants))) for name, task in tasks.items()}
+    schedule = []
+    for flag, value, stage in (("--source-epochs", args.source_epochs, "source"),
+                               ("--target-epochs", args.target_epochs, "target")):
+        if value is not None:
+            if value <= 0:
+                parser.error(f"{flag} must be > 0, got {value}")
+            schedule += [flag, str(value)]
+            tasks = {name: replace(task, **{stage: replace(getattr(task, stage), epochs=value)})
+                     for name, task in tasks.items()}
     if args.jobs:
         jobs = []
         for text in args.jobs:
@@ -724,7 +741,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"appending to {out} ({len(read_rows(out))} rows already; finished rows of a job are skipped); "
               "delete it for a fresh run", flush=True)
     if args.workers > 1:
-        run_jobs(jobs, args.workers, args.quick, args.threads, out, args.budgets, args.variants)
+        run_jobs(jobs, args.workers, args.quick, args.threads, out, args.budgets, args.variants, schedule)
     else:
         for name, seed in jobs:
             run_job(name, tasks[name], seed, out)
