@@ -20,10 +20,11 @@ from .patches import AttrPatch
 from .plan import ParamEdit, Plan, make_plan
 from .selection import PlanConfig, removal_table, select_channels
 from .removal import apply_plan_
-from .scoring import SCORERS, get_scorer, list_scorers, register_scorer
+from .scoring import get_scorer, list_scorers, register_scorer
 from .tracer import trace
 
-from . import measurement  # noqa: E402  (gp.measurement.measure / compare)
+from . import measurement  # noqa: E402  (gp.measurement.compare / count_macs / ...)
+from .measurement import measure  # noqa: E402  (gp.measure(model, inputs))
 from .io import load, save  # noqa: E402
 from . import blocks  # noqa: E402  (gp.blocks.find_blocks / apply_block_plan_)
 from . import hf_contract  # noqa: E402  (gp.hf_contract.config_mismatches / sync_config_)
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttrPatch", "ChannelGroup", "blocks", "GraphpruneError", "Groups", "InvalidArgumentError", "Member", "ParamEdit",
-    "Plan", "PlanConfig", "PruneError", "SCORERS", "TraceGraph", "UnsupportedModelError", "UntracedCodeError", "apply_plan_", "classifier_names",
-    "find_groups", "get_scorer", "list_scorers", "hf_contract", "load", "measurement", "save", "make_plan", "prune", "prune_", "prune_uniform", "register_scorer", "removal_table", "select_channels", "trace",
+    "Plan", "PlanConfig", "PruneError", "TraceGraph", "UnsupportedModelError", "UntracedCodeError", "apply_plan_", "classifier_names",
+    "find_groups", "get_scorer", "list_scorers", "hf_contract", "load", "measure", "measurement", "save", "make_plan", "prune", "prune_", "prune_uniform", "register_scorer", "removal_table", "select_channels", "trace",
     "uniform_selection",
 ]

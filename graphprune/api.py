@@ -18,20 +18,21 @@ from typing import Any
 from torch import nn
 
 from ._runtime import paused_gc
-from .budget import check_flops_reduction, select_for_flops
-from .errors import InvalidArgumentError, PruneError
-from .groups import Groups, find_groups
+from .budget import check_target, plan_for_flops
+from .errors import InvalidArgumentError
+from .groups import Groups, check_ignore, find_groups
+from .history import record_plan
 from .inputs import ExampleInputs, as_examples
-from .latency.select import LatencyConfig, check_latency_reduction, plan_for_latency
-from .plan import Plan, make_plan
-from .selection import PlanConfig, check_ratio
+from .latency.select import LatencyConfig, plan_for_latency
+from .plan import make_plan
+from .selection import PlanConfig
 from .removal import apply_plan_
 from .scoring import get_scorer
 from .scoring.registry import Scorer
 from .tracer import trace
-from .verify import Examples, apply_verified_, as_example_list, check_coverage
+from .verify import apply_verified_, check_coverage
 
-__all__ = ["apply_verified_", "prune", "prune_", "record_plan"]  # apply_verified_ lives in graphprune.verify
+__all__ = ["prune", "prune_"]
 
 
 def prune_(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float | None = None,
@@ -68,7 +69,7 @@ def _prune_(model: nn.Module, example_inputs: ExampleInputs, *, ratio: float | N
         apply_plan_(model, applied)
         model.graphprune_latency = latency_record.to_dict()  # predicted vs measured
     else:  # verified and measured on a trial copy
-        applied = _plan_for_flops(model, groups, scores, examples, flops_reduction, config)
+        applied = plan_for_flops(model, groups, scores, examples, flops_reduction, config)
         apply_plan_(model, applied)
     record_plan(model, applied)
     return model
@@ -109,12 +110,12 @@ def _check_arguments(model: Any, ratio: float | None, flops_reduction: float | N
             f"the model's tensors are on the meta device (e.g. {meta}): they hold no values to score or keep. "
             "Load the weights first (model.to_empty(device='cpu') and load_state_dict), or plan on it with the verbs "
             "(gp.trace, gp.find_groups, gp.make_plan(groups, removed=...)) and apply the plan to the real model")
-    _check_target(ratio, flops_reduction, latency_reduction)
+    check_target(ratio, flops_reduction, latency_reduction)
     if config is not None and not isinstance(config, PlanConfig):
         raise InvalidArgumentError(f"config must be a graphprune.PlanConfig, e.g. PlanConfig(scope='global'), "
                                    f"got {type(config).__name__} {config!r:.60}")
     score_fn = get_scorer(scorer)
-    return score_fn, _scorer_options(scorer, score_fn, scorer_options), _ignore_names(model, ignore)
+    return score_fn, _scorer_options(scorer, score_fn, scorer_options), check_ignore(model, ignore)
 
 
 def _scorer_options(scorer: Any, score_fn: Scorer, options: Any) -> dict[str, Any]:
@@ -135,79 +136,6 @@ def _scorer_options(scorer: Any, score_fn: Scorer, options: Any) -> dict[str, An
         name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", type(scorer).__name__)
         raise InvalidArgumentError(f"scorer {name!r} has no option {unknown[0]!r}; its options: {accepted or 'none'}")
     return dict(options)
-
-
-def _ignore_names(model: nn.Module, ignore: Any) -> tuple[str, ...]:
-    """``ignore`` as a tuple of names, each a module or parameter of ``model``."""
-    if isinstance(ignore, str):
-        raise InvalidArgumentError(f"ignore is a list of module names; got the string {ignore!r} "
-                                   f"(write ignore=[{ignore!r}])")
-    try:
-        names = tuple(ignore)
-    except TypeError:
-        raise InvalidArgumentError(f"ignore must be a list of module names, got {type(ignore).__name__}") from None
-    bad = [n for n in names if not isinstance(n, str) or not n]
-    if bad:
-        raise InvalidArgumentError(f"ignore holds {bad[0]!r}: each entry names a module or parameter (the whole "
-                                   "model cannot be ignored; ratio=0 keeps every channel)")
-    known = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise InvalidArgumentError(f"ignore names no module or parameter of the model: {unknown}")
-    return names
-
-
-def _check_target(ratio: float | None, flops_reduction: float | None, latency_reduction: float | None = None) -> None:
-    if sum(t is not None for t in (ratio, flops_reduction, latency_reduction)) != 1:
-        raise InvalidArgumentError("give exactly one of ratio= (channel fraction), flops_reduction= (MACs fraction) "
-                                   "or latency_reduction= (measured latency fraction)")
-    if ratio is not None:
-        check_ratio(ratio)
-    elif flops_reduction is not None:
-        check_flops_reduction(flops_reduction)
-    else:
-        check_latency_reduction(latency_reduction)
-
-
-def _plan_for_flops(model: nn.Module, groups: Groups, scores, args: Examples, flops_reduction: float,
-                    config: PlanConfig, tolerance: float = 0.01) -> Plan:
-    """Search on the graph's MAC estimate, then measure with fvcore on a trial copy.
-
-    Groups the verification drops (see :func:`apply_verified_`) are excluded and the
-    search repeated, so the measured reduction lands within ``tolerance`` of the target.
-    With several example inputs, MACs are summed over them (as the graph's estimate is).
-    """
-    from .measurement import count_macs
-
-    def macs(net: nn.Module) -> int:
-        return sum(count_macs(net, one) for one in as_example_list(args))
-
-    base = macs(model)
-    exclude: frozenset[int] = frozenset()
-    for _ in range(3):
-        _, chosen, _ = select_for_flops(groups, scores, flops_reduction, config=config, exclude=exclude)
-        plan = make_plan(groups, removed=chosen)
-        trial = copy.deepcopy(model)
-        applied, dropped = apply_verified_(trial, groups, plan, args)
-        measured = 1.0 - macs(trial) / base
-        if abs(measured - flops_reduction) <= tolerance:
-            return applied
-        if not dropped:
-            break
-        exclude = exclude | frozenset(dropped)
-    raise PruneError(f"could not reach a {flops_reduction:.1%} FLOPs reduction: fvcore measured {measured:.1%} "
-                     "for the closest plan")
-
-
-HISTORY_ATTR = "graphprune_plans"
-
-
-def record_plan(model: nn.Module, plan: Plan) -> None:
-    """Append ``plan`` (as JSON) to ``model.graphprune_plans``, the structural history that
-    :func:`graphprune.save` writes so a pruned model can be rebuilt without pickling."""
-    history = list(getattr(model, HISTORY_ATTR, []))
-    history.append(plan.to_json())
-    setattr(model, HISTORY_ATTR, history)
 
 
 def prune(model: nn.Module, example_inputs: ExampleInputs = None, *, ratio: float | None = None,

@@ -7,16 +7,22 @@ no forward pass per step); the caller verifies the result with fvcore.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from ._runtime import sorted_unique
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, PruneError
 from .groups import Groups
-from .selection import PlanConfig, select_channels
+from .latency.select import check_latency_reduction
+from .measurement import count_macs
+from .plan import Plan, make_plan
+from .selection import PlanConfig, check_ratio, select_channels
+from .verify import Examples, apply_verified_, as_example_list
 
 
 def check_flops_reduction(value: float) -> float:
@@ -186,3 +192,68 @@ class _MacsDeltas:
             saved = sum(self.graph.costs[c][0] * (b - a) for c, b, a in zip(costs, before_scales, after_scales))
             result[gid] = saved / total if total else 0.0
         return result
+
+
+def check_target(ratio: float | None, flops_reduction: float | None, latency_reduction: float | None = None) -> None:
+    """Exactly one pruning target, in its range: a channel ``ratio``, a ``flops_reduction`` or a ``latency_reduction``.
+
+    Example:
+        >>> check_target(None, 0.3)
+        >>> check_target(0.3, 0.3)
+        Traceback (most recent call last):
+        ...
+        graphprune.errors.InvalidArgumentError: give exactly one of ratio= (channel fraction), flops_reduction= (MACs fraction) or latency_reduction= (measured latency fraction)
+    """
+    if sum(t is not None for t in (ratio, flops_reduction, latency_reduction)) != 1:
+        raise InvalidArgumentError("give exactly one of ratio= (channel fraction), flops_reduction= (MACs fraction) "
+                                   "or latency_reduction= (measured latency fraction)")
+    if ratio is not None:
+        check_ratio(ratio)
+    elif flops_reduction is not None:
+        check_flops_reduction(flops_reduction)
+    else:
+        check_latency_reduction(latency_reduction)
+
+
+def plan_for_flops(model: nn.Module, groups: Groups, scores, args: Examples, flops_reduction: float,
+                    config: PlanConfig, tolerance: float = 0.01) -> Plan:
+    """The verified plan that removes ``flops_reduction`` of ``model``'s MACs as fvcore measures them.
+
+    Searches on the graph's MAC estimate (:func:`select_for_flops`), then applies the plan to a
+    trial copy and measures it. Groups the verification drops (see :func:`apply_verified_`) are
+    excluded and the search repeated, so the measured reduction lands within ``tolerance`` of
+    the target. With several example inputs, MACs are summed over them (as the graph's estimate
+    is). ``model`` is not modified.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from graphprune import apply_plan_, find_groups, trace
+        >>> from graphprune.scoring import get_scorer
+        >>> model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3))
+        >>> x = torch.randn(1, 3, 16, 16)
+        >>> groups = find_groups(trace(model, (x,)))
+        >>> base = count_macs(model, x)
+        >>> plan = plan_for_flops(model, groups, get_scorer("l1")(groups, model), (x,), 0.5, PlanConfig())
+        >>> abs(1 - count_macs(apply_plan_(model, plan), x) / base - 0.5) <= 0.01
+        True
+    """
+
+    def macs(net: nn.Module) -> int:
+        return sum(count_macs(net, one) for one in as_example_list(args))
+
+    base = macs(model)
+    exclude: frozenset[int] = frozenset()
+    for _ in range(3):
+        _, chosen, _ = select_for_flops(groups, scores, flops_reduction, config=config, exclude=exclude)
+        plan = make_plan(groups, removed=chosen)
+        trial = copy.deepcopy(model)
+        applied, dropped = apply_verified_(trial, groups, plan, args)
+        measured = 1.0 - macs(trial) / base
+        if abs(measured - flops_reduction) <= tolerance:
+            return applied
+        if not dropped:
+            break
+        exclude = exclude | frozenset(dropped)
+    raise PruneError(f"could not reach a {flops_reduction:.1%} FLOPs reduction: fvcore measured {measured:.1%} "
+                     "for the closest plan")

@@ -289,19 +289,20 @@ def prune_in_stages(model: nn.Module, inputs: torch.Tensor, args: argparse.Names
         >>> model.fc.in_features
         48
     """
-    from . import api
     from ._runtime import paused_gc
-    from .groups import find_groups
+    from .budget import check_target, plan_for_flops
+    from .groups import check_ignore, find_groups
+    from .history import record_plan
     from .plan import make_plan
     from .removal import apply_plan_
     from .scoring import get_scorer
     from .tracer import trace
-    from .verify import check_coverage
+    from .verify import apply_verified_, check_coverage
 
     target = _prune_target(args)
-    api._check_target(target.get("ratio"), target.get("flops_reduction"), target.get("latency_reduction"))
+    check_target(target.get("ratio"), target.get("flops_reduction"), target.get("latency_reduction"))
     scorer = get_scorer(args.scorer)
-    ignore = api._ignore_names(model, args.ignore or ())
+    ignore = check_ignore(model, args.ignore or ())
     with paused_gc():
         report(f"tracing on an input of shape {tuple(inputs.shape)}")
         graph = trace(model, (inputs,))
@@ -322,18 +323,19 @@ def prune_in_stages(model: nn.Module, inputs: torch.Tensor, args: argparse.Names
             report(f"planning: {args.ratio:g} of each group's channels ({args.scope})")
             plan = make_plan(groups, scores, ratio=args.ratio, config=target["config"])
             report("removing and verifying that the pruned model runs")
-            applied, _ = api.apply_verified_(model, groups, plan, (inputs,))
+            applied, _ = apply_verified_(model, groups, plan, (inputs,))
         else:
             report(f"planning for {args.flops_reduction:.0%} fewer MACs, verified and measured on a copy")
-            applied = api._plan_for_flops(model, groups, scores, (inputs,), args.flops_reduction, target["config"])
+            applied = plan_for_flops(model, groups, scores, (inputs,), args.flops_reduction, target["config"])
             report("removing")
             apply_plan_(model, applied)
-    api.record_plan(model, applied)
+    record_plan(model, applied)
     return model
 
 
 def _cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
-    from . import api, io
+    from . import io
+    from .history import plan_texts
     from .measurement import compare
 
     report = _progress(args)
@@ -355,7 +357,7 @@ def _cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": loaded.source, "output": str(output), "ratio": args.ratio,
             "flops_reduction": args.flops_reduction, "latency_reduction": args.latency_reduction,
             "latency_target": getattr(pruned, "graphprune_latency", None), "scope": args.scope, "scorer": args.scorer,
-            "input_size": list(inputs.shape[1:]), "plans": len(getattr(pruned, api.HISTORY_ATTR, [])),
+            "input_size": list(inputs.shape[1:]), "plans": len(plan_texts(pruned)),
             "comparison": table.to_dict(), "_text": f"{table}\nsaved to {output}"}
 
 

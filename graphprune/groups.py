@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -169,6 +170,36 @@ def classifier_names(model: nn.Module) -> tuple[str, ...]:
     names = (names,) if isinstance(names, str) else tuple(names)
     modules = dict(model.named_modules())
     return tuple(n for n in names if n in modules)
+
+
+def check_ignore(model: nn.Module, ignore: Any) -> tuple[str, ...]:
+    """``ignore`` as a tuple of names, each a module or parameter of ``model``; anything else raises.
+
+    Example:
+        >>> from torch import nn
+        >>> check_ignore(nn.Sequential(nn.Linear(2, 2)), ["0"])
+        ('0',)
+        >>> check_ignore(nn.Sequential(nn.Linear(2, 2)), "0")
+        Traceback (most recent call last):
+        ...
+        graphprune.errors.InvalidArgumentError: ignore is a list of module names; got the string '0' (write ignore=['0'])
+    """
+    if isinstance(ignore, str):
+        raise InvalidArgumentError(f"ignore is a list of module names; got the string {ignore!r} "
+                                   f"(write ignore=[{ignore!r}])")
+    try:
+        names = tuple(ignore)
+    except TypeError:
+        raise InvalidArgumentError(f"ignore must be a list of module names, got {type(ignore).__name__}") from None
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise InvalidArgumentError(f"ignore holds {bad[0]!r}: each entry names a module or parameter (the whole "
+                                   "model cannot be ignored; ratio=0 keeps every channel)")
+    known = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidArgumentError(f"ignore names no module or parameter of the model: {unknown}")
+    return names
 
 
 def find_groups(graph: TraceGraph, *, ignore: Iterable[str] = (), model: nn.Module | None = None) -> Groups:

@@ -68,12 +68,14 @@ import torch
 from torch import nn
 
 from . import io_record, io_replay, io_staging
-from .api import HISTORY_ATTR
+from .blocks import BlockPlan, is_block_plan
 from .errors import InvalidArgumentError
+from .history import plan_texts, set_history
 from .io_architecture import ARCHITECTURE_ATTR, Architecture, Edit, short_repr, build_model, infer_architecture
 from .io_record import MODEL_FORMAT, RECORD_FILE, WEIGHTS_FILE, ModelFileError, ModelFileNotFoundError
 from .io_staging import check_target
 from .plan import Plan
+from .sparsity.kernel_plan import KernelPlan, is_kernel_plan
 
 __all__ = ["ARCHITECTURE_ATTR", "MODEL_FORMAT", "RECORD_FILE", "WEIGHTS_FILE", "Architecture", "ModelFileError",
            "ModelFileNotFoundError", "build_model", "check_target", "infer_architecture", "load", "save", "sniff"]
@@ -134,19 +136,13 @@ def _split_tied(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
 def parse_edit(text: str) -> Edit:
     """One history entry: a channel :class:`~graphprune.plan.Plan`, a block plan or a kernel plan, by its ``format``."""
-    from .blocks import BlockPlan, is_block_plan
-    from .sparsity.kernel_plan import KernelPlan, is_kernel_plan
-
     if is_kernel_plan(text):
         return KernelPlan.from_json(text)
     return BlockPlan.from_json(text) if is_block_plan(text) else Plan.from_json(text)
 
 
 def _plans_of(model: nn.Module) -> tuple[Edit, ...]:
-    history = getattr(model, HISTORY_ATTR, [])
-    if not isinstance(history, (list, tuple)):
-        raise InvalidArgumentError(f"model.{HISTORY_ATTR} must be a list of plan JSON strings")
-    return tuple(parse_edit(text) for text in history)
+    return tuple(parse_edit(text) for text in plan_texts(model))
 
 
 def _shape_differences(expected: Mapping[str, Mapping[str, Any]], actual: Mapping[str, Mapping[str, Any]],
@@ -490,6 +486,6 @@ def load(path: str | os.PathLike, *, allow_factories: Iterable[str] = ()) -> nn.
         wanted = tensors_record[name].get("requires_grad")
         if isinstance(tensor, nn.Parameter) and wanted is not None:
             tensor.requires_grad_(wanted)
-    setattr(model, HISTORY_ATTR, [plan.to_json() for plan in plans])
+    set_history(model, plans)
     setattr(model, ARCHITECTURE_ATTR, arch.to_dict())
     return model.eval()

@@ -36,12 +36,14 @@ from torch import nn
 from . import hf_contract
 from .errors import PruneError
 from .groups import ChannelGroup, Groups, find_groups
+from .history import record_plan
 from .inputs import ExampleInputs, as_args
 from .plan import make_plan
 from .selection import select_channels
 from .scoring import get_scorer
 from .scoring.registry import Scorer
 from .tracer import trace
+from .verify import apply_verified_
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)")
 
@@ -147,7 +149,6 @@ _ATTEMPTS = 3
 
 def _apply_uniform(model: nn.Module, groups: Groups, removed: dict, args: tuple, hf: bool) -> tuple[nn.Module, set]:
     """Apply ``removed`` to a fresh copy; (the copy, parameters its config does not reproduce)."""
-    from .api import apply_verified_, record_plan
 
     pruned = copy.deepcopy(model)
     applied, dropped = apply_verified_(pruned, groups, make_plan(groups, removed=removed), args)

@@ -47,6 +47,7 @@ import torch
 
 import graphprune as gp
 from graphprune import rules
+from graphprune.scoring import SCORER_REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -157,13 +158,16 @@ def test_pages_declare_the_assets_they_use(page):
     assert not missing, f"docs/{page} uses {missing} but has no <!-- needs: {', '.join(missing)} --> comment"
 
 
+PAGE_THREADS = 2  # the shown outputs were printed with 2 torch threads (CI's cores); 1 thread prints other digits
+
+
 @pytest.fixture
 def registries_restored():
     """Pages register scorers and rules; put both registries back afterwards."""
-    scorers, coupling = dict(gp.SCORERS), dict(rules.RULES)
+    scorers, coupling = set(gp.list_scorers()), dict(rules.RULES)
     yield
-    gp.SCORERS.clear()
-    gp.SCORERS.update(scorers)
+    for name in set(gp.list_scorers()) - scorers:
+        SCORER_REGISTRY.unregister(name)
     rules.RULES.clear()
     rules.RULES.update(coupling)
 
@@ -177,6 +181,9 @@ def test_page_examples_run(page, tmp_path, monkeypatch, registries_restored, req
         except pytest.skip.Exception as skipped:
             pytest.skip(f"docs/{page} needs {need}: {skipped.msg}")
     monkeypatch.chdir(tmp_path)  # pages write files (saved models) into the working directory
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PAGE_THREADS)  # float sums are split by thread: the shown figures need the count fixed
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     namespace = {"__name__": f"docs_{Path(page).stem.replace('-', '_')}"}
     torch.manual_seed(0)
     random.seed(0)

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import graphprune as gp
-from graphprune.api import apply_verified_
+from graphprune.verify import apply_verified_
 from graphprune.blocks.scoring import BLOCK_REGISTRY
 from graphprune.scoring import list_scorers, scorer_spec
 from graphprune.testing import pick_channels, zero_channels_

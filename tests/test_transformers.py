@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import graphprune as gp
-from graphprune.api import apply_verified_
+from graphprune.verify import apply_verified_
 from graphprune.testing import pick_channels, zero_channels_
 
 transformers = pytest.importorskip("transformers")

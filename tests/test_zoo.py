@@ -14,7 +14,7 @@ import timm
 import torch
 
 import graphprune as gp
-from graphprune.api import apply_verified_
+from graphprune.verify import apply_verified_
 from graphprune.selection import removal_count
 from graphprune.testing import pick_channels, zero_channels_
 

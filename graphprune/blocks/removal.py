@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..api import record_plan
+from ..history import record_plan
 from ..errors import InvalidArgumentError
 from .modules import Proxy, Skip, ZeroBranch
 from .plan import BlockPlan

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from ..api import HISTORY_ATTR, prune_, record_plan
+from ..api import prune_
+from ..history import plan_texts, record_plan
 from ..groups import classifier_names
 from ..plan import Plan
 from ..removal import apply_plan_
@@ -59,7 +60,7 @@ def _prune_on_main(model: nn.Module, data: TransferData, config: PruneConfig, se
     prune_(model, example, **target, scorer=config.scorer,
            scorer_options=scorer_options(config, data.train, seed=seed, progress=progress),
            ignore=classifier_names(model), config=config.plan_config())
-    return getattr(model, HISTORY_ATTR)[-1]
+    return plan_texts(model)[-1]
 
 
 def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, name: str = "prune",

@@ -30,7 +30,8 @@ import time
 import torch
 from torch import nn
 
-from ..api import HISTORY_ATTR, prune_, record_plan
+from ..api import prune_
+from ..history import plan_texts, record_plan
 from ..groups import Groups, classifier_names
 from ..plan import Plan
 from ..selection import PlanConfig
@@ -61,7 +62,7 @@ def _prune_step_on_main(model: nn.Module, data: TransferData, config: TransTailo
     prune_(model, example, flops_reduction=config.step_flops_reduction, scorer=scorer,
            ignore=classifier_names(model),
            config=PlanConfig(scope=config.scope, normalize="none", max_group_ratio=config.max_group_ratio))
-    plan_json = getattr(model, HISTORY_ATTR)[-1]
+    plan_json = plan_texts(model)[-1]
     return plan_json, slice_factors(seen["factors"], Plan.from_json(plan_json))
 
 

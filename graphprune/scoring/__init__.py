@@ -2,8 +2,8 @@
 
 from . import magnitude, simple  # noqa: F401  (registers l1, l2, random, bn_scale)
 from . import classmean, target_taylor, taylor  # noqa: F401  (registers taylor, target_taylor, classmean)
-from .registry import (SCORERS, Registry, Scorer, ScorerSpec, Scores, get_scorer, list_scorers, register_scorer,
+from .registry import (SCORER_REGISTRY, Registry, Scorer, ScorerSpec, Scores, get_scorer, list_scorers, register_scorer,
                        scorer_spec)
 
-__all__ = ["SCORERS", "Registry", "Scorer", "ScorerSpec", "Scores", "get_scorer", "list_scorers", "register_scorer",
+__all__ = ["SCORER_REGISTRY", "Registry", "Scorer", "ScorerSpec", "Scores", "get_scorer", "list_scorers", "register_scorer",
            "scorer_spec"]

@@ -98,6 +98,21 @@ class Registry(Generic[F]):
         specs = [self.spec(name) for name in sorted(self.table)]
         return [s.name for s in specs if needs_data in (None, s.needs_data) and seeded in (None, s.seeded)]
 
+    def unregister(self, name: str) -> F:
+        """Remove ``name`` (a plugin's or a test's registration) and return its callable.
+
+        Example:
+            >>> blocks = Registry("block scorer")
+            >>> _ = blocks.register("zero")(lambda model, names: {n: 0.0 for n in names})
+            >>> _ = blocks.unregister("zero")
+            >>> blocks.names()
+            []
+        """
+        fn = self.get(name)
+        del self.table[name]
+        self._specs.pop(name, None)
+        return fn
+
     def __contains__(self, name: object) -> bool:
         return name in self.table
 
@@ -106,7 +121,6 @@ class Registry(Generic[F]):
 
 
 SCORER_REGISTRY: Registry[Scorer] = Registry("scorer")
-SCORERS = SCORER_REGISTRY.table  # the plain {name: scorer} dict, kept for code that reads it
 
 
 def register_scorer(name: str, *, needs_data: bool = False, seeded: bool = False) -> Callable[[Scorer], Scorer]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..groups import classifier_names
+from ..history import record_plan
 from .kernel_conv import KernelConv2d, check_dense_conv, check_kernels_per_output
 
 KERNEL_PLAN_FORMAT = "graphprune.kernels/1"
@@ -256,7 +257,6 @@ def replace_convs_(model: nn.Module, indices: Mapping[str, torch.Tensor], *, rec
         _set_module(model, name, module)
     plan = KernelPlan(tuple(layers))
     if record:
-        from ..api import record_plan
 
         record_plan(model, plan)
     return plan
