@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import graphprune as gp
-from graphprune import cli
+from graphprune import cli, cli_commands
 from graphprune import io as gio
 from graphprune.measurement import count_params, measure
 
@@ -278,7 +278,7 @@ def test_unexpected_failure_exits_1_with_one_line(monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("internal\nbug")
 
-    monkeypatch.setattr(cli, "_measure", broken)
+    monkeypatch.setattr(cli_commands, "measure_cli", broken)
     assert cli.main(["measure", MODEL, "--input-size", SIZE]) == cli.EXIT_UNEXPECTED
     err = capsys.readouterr().err
     assert err == "graphprune: error: unexpected RuntimeError: internal bug (rerun with --debug for the traceback)\n"

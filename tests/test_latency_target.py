@@ -283,7 +283,8 @@ def test_prune_to_a_measured_latency_reduction() -> None:
 def test_cli_latency_reduction_plans_measures_and_records(tmp_path, monkeypatch) -> None:
     import timm
 
-    from graphprune.cli import Progress, build_parser, prune_in_stages
+    from graphprune.cli import build_parser
+    from graphprune.cli_commands import Progress, prune_in_stages
 
     monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
     args = build_parser().parse_args(["prune", "test_resnet", "-o", str(tmp_path / "out"),
