@@ -55,11 +55,9 @@ inferred; pass ``architecture=`` to record them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,15 +71,15 @@ from .errors import InvalidArgumentError
 from .history import plan_texts, set_history
 from .io_architecture import ARCHITECTURE_ATTR, Architecture, Edit, short_repr, build_model, infer_architecture
 from .io_record import MODEL_FORMAT, RECORD_FILE, WEIGHTS_FILE, ModelFileError, ModelFileNotFoundError
+from .io_files import file_mode, fsync_file, read_weights_header, refuse_pickle, sha256_of, sniff
 from .io_staging import check_target
+from .io_tensors import shape_differences, shapes_only, split_tied, tensor_record
 from .plan import Plan
 from .sparsity.kernel_plan import KernelPlan, is_kernel_plan
 
 __all__ = ["ARCHITECTURE_ATTR", "MODEL_FORMAT", "RECORD_FILE", "WEIGHTS_FILE", "Architecture", "ModelFileError",
            "ModelFileNotFoundError", "build_model", "check_target", "infer_architecture", "load", "save", "sniff"]
 
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-_CHUNK_BYTES = 1 << 20
 # load() builds a base model at most this many times the elements the weights file holds (plus the slack):
 # pruning shrinks, but a base a thousand times the saved weights is a damaged or hostile record
 MAX_BASE_FACTOR = 64
@@ -89,49 +87,6 @@ BASE_SLACK_NUMEL = 1 << 24
 
 
 # ----------------------------------------------------------------------------- save
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _tensor_record(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """Shape and dtype of every entry, and ``requires_grad`` of every parameter (a frozen backbone stays frozen)."""
-    record = {}
-    for name, tensor in state.items():
-        entry: dict[str, Any] = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype)}
-        if isinstance(tensor, nn.Parameter):
-            entry["requires_grad"] = bool(tensor.requires_grad)
-        record[name] = entry
-    return record
-
-
-def _shapes_only(record: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The record without dtypes: a rebuilt base is float32 until :func:`load` casts it."""
-    return {k: {"shape": list(v["shape"]), "dtype": "any"} for k, v in record.items()}
-
-
-def _split_tied(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors to store (contiguous, sharing no memory) and ``{alias: stored name}`` for tied ones."""
-    stored: dict[str, torch.Tensor] = {}
-    tied: dict[str, str] = {}
-    seen_views: dict[tuple, str] = {}
-    used_storage: set[int] = set()
-    for name, tensor in state.items():
-        tensor = tensor.detach()
-        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                tensor.stride(), tensor.dtype)
-        if tensor.numel() and view in seen_views:
-            tied[name] = seen_views[view]
-            continue
-        seen_views[view] = name
-        data = tensor.cpu().contiguous()
-        storage = data.untyped_storage().data_ptr()
-        if data.numel() and storage in used_storage:  # overlapping views of one buffer
-            data = data.clone()
-        used_storage.add(data.untyped_storage().data_ptr())
-        stored[name] = data
-    return stored, tied
 
 
 def parse_edit(text: str) -> Edit:
@@ -143,40 +98,6 @@ def parse_edit(text: str) -> Edit:
 
 def _plans_of(model: nn.Module) -> tuple[Edit, ...]:
     return tuple(parse_edit(text) for text in plan_texts(model))
-
-
-def _shape_differences(expected: Mapping[str, Mapping[str, Any]], actual: Mapping[str, Mapping[str, Any]],
-                       *, limit: int = 3) -> list[str]:
-    problems = []
-    missing = [k for k in expected if k not in actual]
-    extra = [k for k in actual if k not in expected]
-    if missing:
-        problems.append(f"missing {missing[:limit]}{' ...' if len(missing) > limit else ''}")
-    if extra:
-        problems.append(f"unexpected {extra[:limit]}{' ...' if len(extra) > limit else ''}")
-    changed = [f"{k}: {tuple(actual[k]['shape'])} {actual[k]['dtype']} instead of "
-               f"{tuple(expected[k]['shape'])} {expected[k]['dtype']}"
-               for k in expected if k in actual and dict(actual[k]) != dict(expected[k])]
-    problems += changed[:limit] + (["..."] if len(changed) > limit else [])
-    return problems
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _file_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask."""
-    return 0o666 & ~io_staging.umask()
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str, Any] | None = None,
@@ -233,7 +154,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
         raise ModelFileError(f"cannot save to {target}: {masked[:3]}{' ...' if len(masked) > 3 else ''} still carry "
                              "torch.nn.utils.prune masks; graphprune.sparsity.make_permanent_(model) folds them into "
                              "the weights first")
-    tensors = _tensor_record(state)
+    tensors = tensor_record(state)
     unknown = sorted({entry["dtype"] for entry in tensors.values()} - set(io_record.DTYPES))
     if unknown:
         raise ModelFileError(f"cannot save to {target}: the model has tensors of dtype {unknown}; a saved model "
@@ -243,13 +164,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
     rebuilt = build_model(arch, device="meta", allow_factories=own)
     io_replay.replay_on_meta(rebuilt, plans_json, f"cannot save to {target}")  # what load() will check
     rebuilt = rebuilt.state_dict()
-    problems = _shape_differences(_shapes_only(tensors), _shapes_only(_tensor_record(rebuilt)))
+    problems = shape_differences(shapes_only(tensors), shapes_only(tensor_record(rebuilt)))
     if problems:
         raise ModelFileError(
             f"cannot save: {arch.name} {dict(arch.kwargs)} with the model's {len(plans)} plan(s) re-applied does "
             f"not have this model's tensors ({'; '.join(problems)}); was the model changed outside graphprune "
             '(e.g. a new head)? pass architecture={"timm": ..., "kwargs": {...}} with the creation arguments')
-    stored, tied = _split_tied(state)
+    stored, tied = split_tied(state)
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -259,15 +180,15 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
             save_file(stored, weights, metadata={"format": MODEL_FORMAT})
         except SafetensorError as error:  # e.g. the disk is full; the staging directory is removed
             raise ModelFileError(f"cannot save to {target}: writing the weights failed ({error})") from error
-        weights.chmod(_file_mode())  # safetensors writes 0600 whatever the umask; a saved model is shareable
-        _fsync_file(weights)
+        weights.chmod(file_mode())  # safetensors writes 0600 whatever the umask; a saved model is shareable
+        fsync_file(weights)
         record = {
             "format": MODEL_FORMAT,
             "architecture": arch.to_dict(),
             "plans": plans_json,
             "tensors": tensors,
             "tied": tied,
-            "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
+            "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": sha256_of(weights)},
             "versions": _versions(),
         }
         record["record_sha256"] = io_record.record_digest(record)
@@ -280,7 +201,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        (staging / RECORD_FILE).chmod(_file_mode())
+        (staging / RECORD_FILE).chmod(file_mode())
     return target
 
 
@@ -313,53 +234,12 @@ def _versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- load
 
 
-def sniff(path: str | os.PathLike) -> str:
-    """What a file is, from its first bytes: ``"safetensors"``, ``"pickle"``, ``"zip"`` (``torch.save``),
-    ``"json"`` or ``"unknown"``. Reads at most 16 bytes; never unpickles.
-
-    Example:
-        >>> import pickle, tempfile
-        >>> with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
-        ...     _ = f.write(pickle.dumps([1, 2]))
-        >>> sniff(f.name)
-        'pickle'
-    """
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return "zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
-        return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= _MAX_HEADER_BYTES:
-        return "safetensors"
-    if head.lstrip()[:1] == b"{":
-        return "json"
-    return "unknown"
-
-
-def _refuse_pickle(path: Path, kind: str) -> None:
-    if kind in ("pickle", "zip"):
-        raise ModelFileError(
-            f"{path} is a {'pickle' if kind == 'pickle' else 'zip/torch.save (pickle inside)'} file; graphprune never "
-            "unpickles files (loading a pickle can run arbitrary code). Load it yourself only if you trust it, "
-            "then graphprune.save() it")
-
-
-def _read_header(path: Path) -> dict[str, io_record.TensorSpec]:
-    """The weights file's tensors, from its header alone; anything but a complete safetensors file is refused."""
-    kind = sniff(path)
-    _refuse_pickle(path, kind)
-    if kind != "safetensors":
-        raise ModelFileError(f"{path} is not a safetensors file")
-    return io_record.read_header(path)
-
-
 def _read_record(directory: Path) -> dict[str, Any]:
     """The record, parsed within bounds and checked against the schema (:mod:`graphprune.io_record`)."""
     record_path = directory / RECORD_FILE
     if not record_path.is_file():
         raise ModelFileNotFoundError(f"{directory} has no {RECORD_FILE}; is it a directory written by graphprune.save?")
-    _refuse_pickle(record_path, sniff(record_path))
+    refuse_pickle(record_path, sniff(record_path))
     size = record_path.stat().st_size
     if size > io_record.MAX_RECORD_BYTES:  # refused before reading it
         raise ModelFileError(f"{record_path} has {size} bytes; a record has at most {io_record.MAX_RECORD_BYTES}")
@@ -392,7 +272,7 @@ def _rebuild_on_meta(record: Mapping[str, Any], where: str, stored_numel: int,
                              f"{MAX_BASE_FACTOR} times the {stored_numel} that {WEIGHTS_FILE} holds; its kwargs do not "
                              "match the weights")
     plans = io_replay.replay_on_meta(model, record["plans"], where)
-    problems = _shape_differences(_shapes_only(record["tensors"]), _shapes_only(_tensor_record(model.state_dict())))
+    problems = shape_differences(shapes_only(record["tensors"]), shapes_only(tensor_record(model.state_dict())))
     if problems:
         raise ModelFileError(f"{arch.name} with the {len(plans)} saved plan(s) re-applied does not match "
                              f"{RECORD_FILE} ({'; '.join(problems)}); was it saved with another timm version?")
@@ -410,7 +290,7 @@ def _resolve(path: Path) -> Path:
     if path.name in (RECORD_FILE, WEIGHTS_FILE) and io_staging.is_saved_model(path.parent):
         return path.parent
     kind = sniff(path)
-    _refuse_pickle(path, kind)
+    refuse_pickle(path, kind)
     if kind == "safetensors":
         raise ModelFileError(f"{path} is a bare safetensors file with no architecture record; graphprune.load reads "
                              f"the directory graphprune.save writes ({RECORD_FILE} + {WEIGHTS_FILE})")
@@ -448,20 +328,20 @@ def load(path: str | os.PathLike, *, allow_factories: Iterable[str] = ()) -> nn.
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFileNotFoundError(f"{directory} has {RECORD_FILE} but no {WEIGHTS_FILE}")
-    header = _read_header(weights)
+    header = read_weights_header(weights)
     io_record.check_header(record, header, where)
     stored_numel = sum(math.prod(spec.shape) for spec in header.values())
     arch, plans = _rebuild_on_meta(record, where, stored_numel, allow_factories)
     io_record.check_digest(record, where)
     expected = record["weights"]
-    if weights.stat().st_size != expected["bytes"] or _sha256(weights) != expected["sha256"]:
+    if weights.stat().st_size != expected["bytes"] or sha256_of(weights) != expected["sha256"]:
         raise ModelFileError(f"{weights} is not the file {RECORD_FILE} was written with (size or SHA-256 differ); "
                              "save the model again with graphprune.save")
     # everything is checked: from here on only what the weights file holds is allocated
     tensors_record, tied = record["tensors"], record["tied"]
     model = build_model(arch, plans, allow_factories=allow_factories)
     live = model.state_dict(keep_vars=True)
-    problems = _shape_differences(_shapes_only(tensors_record), _shapes_only(_tensor_record(live)))
+    problems = shape_differences(shapes_only(tensors_record), shapes_only(tensor_record(live)))
     if problems:
         raise ModelFileError(f"{arch.name} with the {len(plans)} saved plan(s) re-applied does not match "
                              f"{RECORD_FILE} ({'; '.join(problems)}); was it saved with another timm version?")

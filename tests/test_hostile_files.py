@@ -33,6 +33,7 @@ import graphprune.blocks as gb
 from graphprune import cli
 from graphprune import io as gio
 from graphprune import io_record
+from graphprune.io_files import sha256_of
 
 # ----------------------------------------------------------------------------- the clean saves
 
@@ -105,7 +106,7 @@ def header(change: Callable[[dict], None]) -> Edit:
         change(data)
         text = json.dumps(data).encode()
         path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
-        record(lambda r: r["weights"].update(bytes=path.stat().st_size, sha256=gio._sha256(path)))(folder)
+        record(lambda r: r["weights"].update(bytes=path.stat().st_size, sha256=sha256_of(path)))(folder)
 
     return edit
 

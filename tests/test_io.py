@@ -194,7 +194,7 @@ def test_failed_write_leaves_old_save_and_no_temporary_files(tmp_path, monkeypat
     def disk_full(path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gio, "_fsync_file", disk_full)
+    monkeypatch.setattr(gio, "fsync_file", disk_full)
     with pytest.raises(gio.ModelFileError, match="No space left"):
         gio.save(gp.prune(model, torch.randn(1, 3, 32, 32), ratio=0.5), tmp_path / "m")
     with pytest.raises(gio.ModelFileError):
