@@ -202,7 +202,7 @@ def check_target(ratio: float | None, flops_reduction: float | None, latency_red
         >>> check_target(0.3, 0.3)
         Traceback (most recent call last):
         ...
-        graphprune.errors.InvalidArgumentError: give exactly one of ratio= (channel fraction), flops_reduction= (MACs fraction) or latency_reduction= (measured latency fraction)
+        graphprune.errors.InvalidArgumentError: give exactly one of ratio= (channel fraction), ...
     """
     if sum(t is not None for t in (ratio, flops_reduction, latency_reduction)) != 1:
         raise InvalidArgumentError("give exactly one of ratio= (channel fraction), flops_reduction= (MACs fraction) "

@@ -100,6 +100,37 @@ def _plans_of(model: nn.Module) -> tuple[Edit, ...]:
     return tuple(parse_edit(text) for text in plan_texts(model))
 
 
+def _checked_tensors(state: Mapping[str, torch.Tensor], arch: Architecture, plans: tuple[Edit, ...],
+                     target: Path) -> dict[str, dict[str, Any]]:
+    """The tensor record of ``state``, once the record is known to rebuild it the way :func:`load` will.
+
+    Refused: ``torch.nn.utils.prune`` masks still in place, a dtype a save cannot hold, and an
+    architecture + plans that rebuild (on the meta device) to other tensors.
+    """
+    masked = [name[:-len("_orig")] for name in state if name.endswith("_orig") and name[:-5] + "_mask" in state]
+    if masked:  # torch.nn.utils.prune reparametrizations: the base model has no weight_orig / weight_mask
+        raise ModelFileError(f"cannot save to {target}: {masked[:3]}{' ...' if len(masked) > 3 else ''} still carry "
+                             "torch.nn.utils.prune masks; graphprune.sparsity.make_permanent_(model) folds them into "
+                             "the weights first")
+    tensors = tensor_record(state)
+    unknown = sorted({entry["dtype"] for entry in tensors.values()} - set(io_record.DTYPES))
+    if unknown:
+        raise ModelFileError(f"cannot save to {target}: the model has tensors of dtype {unknown}; a saved model "
+                             f"holds {', '.join(io_record.DTYPES)}")
+    own = (arch.factory,) if arch.factory is not None else ()  # the caller named it: saving may import it
+    plans_json = [json.loads(plan.to_json()) for plan in plans]
+    rebuilt = build_model(arch, device="meta", allow_factories=own)
+    io_replay.replay_on_meta(rebuilt, plans_json, f"cannot save to {target}")  # what load() will check
+    rebuilt = rebuilt.state_dict()
+    problems = shape_differences(shapes_only(tensors), shapes_only(tensor_record(rebuilt)))
+    if problems:
+        raise ModelFileError(
+            f"cannot save: {arch.name} {dict(arch.kwargs)} with the model's {len(plans)} plan(s) re-applied does "
+            f"not have this model's tensors ({'; '.join(problems)}); was the model changed outside graphprune "
+            '(e.g. a new head)? pass architecture={"timm": ..., "kwargs": {...}} with the creation arguments')
+    return tensors
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str, Any] | None = None,
          factory: str | None = None) -> Path:
     """Write ``model`` (pruned or not) to the directory ``path``: weights plus rebuild record.
@@ -149,27 +180,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
     arch = Architecture.from_dict(architecture) if architecture is not None else infer_architecture(model)
     plans = _plans_of(model)
     state = model.state_dict(keep_vars=True)
-    masked = [name[:-len("_orig")] for name in state if name.endswith("_orig") and name[:-5] + "_mask" in state]
-    if masked:  # torch.nn.utils.prune reparametrizations: the base model has no weight_orig / weight_mask
-        raise ModelFileError(f"cannot save to {target}: {masked[:3]}{' ...' if len(masked) > 3 else ''} still carry "
-                             "torch.nn.utils.prune masks; graphprune.sparsity.make_permanent_(model) folds them into "
-                             "the weights first")
-    tensors = tensor_record(state)
-    unknown = sorted({entry["dtype"] for entry in tensors.values()} - set(io_record.DTYPES))
-    if unknown:
-        raise ModelFileError(f"cannot save to {target}: the model has tensors of dtype {unknown}; a saved model "
-                             f"holds {', '.join(io_record.DTYPES)}")
-    own = (arch.factory,) if arch.factory is not None else ()  # the caller named it: saving may import it
-    plans_json = [json.loads(plan.to_json()) for plan in plans]
-    rebuilt = build_model(arch, device="meta", allow_factories=own)
-    io_replay.replay_on_meta(rebuilt, plans_json, f"cannot save to {target}")  # what load() will check
-    rebuilt = rebuilt.state_dict()
-    problems = shape_differences(shapes_only(tensors), shapes_only(tensor_record(rebuilt)))
-    if problems:
-        raise ModelFileError(
-            f"cannot save: {arch.name} {dict(arch.kwargs)} with the model's {len(plans)} plan(s) re-applied does "
-            f"not have this model's tensors ({'; '.join(problems)}); was the model changed outside graphprune "
-            '(e.g. a new head)? pass architecture={"timm": ..., "kwargs": {...}} with the creation arguments')
+    tensors = _checked_tensors(state, arch, plans, target)
     stored, tied = split_tied(state)
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -185,7 +196,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
         record = {
             "format": MODEL_FORMAT,
             "architecture": arch.to_dict(),
-            "plans": plans_json,
+            "plans": [json.loads(plan.to_json()) for plan in plans],
             "tensors": tensors,
             "tied": tied,
             "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": sha256_of(weights)},

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -146,6 +146,27 @@ def _block_outputs(model: nn.Module, modules: list[str], into: dict[str, torch.T
             h.remove()
 
 
+def _batches_per_epoch(data, cap: int | None) -> int:
+    """Batches one gate epoch reads: the loader's length, at most ``cap``; data without a length needs a cap."""
+    count = len(data) if hasattr(data, "__len__") else None
+    if cap is not None:
+        count = min(count or cap, cap)
+    if count is None:
+        raise InvalidArgumentError("data must have a length (a DataLoader or a list of batches)")
+    return count
+
+
+def _gate_loss(logits: torch.Tensor, labels: torch.Tensor, modules: Sequence[str], mine: Mapping[str, torch.Tensor],
+               target: Mapping[str, torch.Tensor], open_: torch.Tensor, macs: torch.Tensor, proxy_macs: torch.Tensor,
+               config: GateConfig) -> torch.Tensor:
+    """Cross entropy + ``complexity_weight`` x the expected MACs share (a gate ``g`` open: the block's MACs,
+    closed: its proxy's) + ``teacher_weight`` x the blocks' outputs' relative distance to the teacher's."""
+    complexity = (open_ * macs + (1 - open_) * proxy_macs).sum()
+    distance = torch.stack([(mine[m] - target[m]).pow(2).mean() / target[m].pow(2).mean().clamp_min(1e-12)
+                            for m in modules]).mean()
+    return F.cross_entropy(logits, labels) + config.complexity_weight * complexity + config.teacher_weight * distance
+
+
 def train_gates(blocks: Blocks, model: nn.Module, data: Iterable, *, teacher: nn.Module | None = None,
                 config: GateConfig | None = None, candidates: tuple[Block, ...] | None = None,
                 progress: bool = False) -> GateResult:
@@ -198,11 +219,7 @@ def train_gates(blocks: Blocks, model: nn.Module, data: Iterable, *, teacher: nn
     modules = list(dict.fromkeys(b.module for b in chosen))
     losses: list[float] = []
     steps = 0
-    batches_per_epoch = len(data) if hasattr(data, "__len__") else None
-    if config.max_batches_per_epoch is not None:
-        batches_per_epoch = min(batches_per_epoch or config.max_batches_per_epoch, config.max_batches_per_epoch)
-    if batches_per_epoch is None:
-        raise InvalidArgumentError("data must have a length (a DataLoader or a list of batches)")
+    batches_per_epoch = _batches_per_epoch(data, config.max_batches_per_epoch)
     total_steps = round(config.epochs * batches_per_epoch)
     bar = tqdm(total=total_steps, desc="gates", disable=not progress, leave=False)
     with preserved_state(teacher), preserved_state(student):
@@ -222,12 +239,7 @@ def train_gates(blocks: Blocks, model: nn.Module, data: Iterable, *, teacher: nn
                 mine: dict[str, torch.Tensor] = {}
                 with _gated(student, chosen, gates, proxies), _block_outputs(student, modules, mine):
                     logits = student(images)
-                g = torch.sigmoid(gates)
-                complexity = (g * macs + (1 - g) * proxy_macs).sum()
-                distance = torch.stack([(mine[m] - target[m]).pow(2).mean() / target[m].pow(2).mean().clamp_min(1e-12)
-                                        for m in modules]).mean()
-                loss = F.cross_entropy(logits, labels) + config.complexity_weight * complexity \
-                    + config.teacher_weight * distance
+                loss = _gate_loss(logits, labels, modules, mine, target, torch.sigmoid(gates), macs, proxy_macs, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -254,6 +254,13 @@ def select_for_latency(groups: Groups, scores: Mapping[int, torch.Tensor], model
         total = sum(layer_ms)
         for other in neighbours[gid]:
             candidates[other] = best_move(other)
+    selection = _selection_at(groups, scores, moves)
+    return selection, model.predict_ms(_gone(groups, selection))
+
+
+def _selection_at(groups: Groups, scores: Mapping[int, torch.Tensor], moves: Mapping[int, _GroupMoves]
+                  ) -> dict[int, tuple[int, ...]]:
+    """The channels each group's moves reached, no member emptied (``{group id: sorted positions}``)."""
     selection = {}
     checked = checked_scores(groups, scores)
     for gid, mv in moves.items():
@@ -262,7 +269,7 @@ def select_for_latency(groups: Groups, scores: Mapping[int, torch.Tensor], model
             chosen = keep_members_nonempty(groups.by_id(gid), set(mv.order[:n]), checked[gid])
             if chosen:
                 selection[gid] = tuple(sorted(chosen))
-    return selection, model.predict_ms(_gone(groups, selection))
+    return selection
 
 
 def _gone(groups: Groups, selection: Mapping[int, tuple[int, ...]]) -> np.ndarray:
@@ -270,6 +277,33 @@ def _gone(groups: Groups, selection: Mapping[int, tuple[int, ...]]) -> np.ndarra
     for gid, channels in selection.items():
         gone[groups.by_id(gid).classes[np.asarray(channels, dtype=np.int64)]] = True
     return gone
+
+
+def _next_budget(target: float, budget: float, measured: float, low: tuple[float, float], high: tuple[float, float],
+                 modelled_share: float) -> tuple[float, tuple[float, float], tuple[float, float]]:
+    """The next modelled budget to try, and the (budget, measured) pair bracketing the target on each side.
+
+    A secant inside the bracket once both sides are known (the low end may be ``(0, 0)``: nothing
+    removed); with one side, the budget corrected by the miss. Kept inside the bracket and below
+    the share of the latency the model covers (``modelled_share``).
+
+    Example:
+        >>> budget, low, high = _next_budget(0.3, 0.3, 0.2, (0.0, 0.0), (1.0, 1.0), 0.9)  # measured short
+        >>> round(budget, 3), low, high
+        (0.4, (0.3, 0.2), (1.0, 1.0))
+    """
+    if measured < target:
+        low = max(low, (budget, measured))
+    else:
+        high = min(high, (budget, measured))
+    if high[0] < 1.0:
+        budget = low[0] + (target - low[1]) * (high[0] - low[0]) / max(high[1] - low[1], 1e-9)
+    else:
+        budget = budget + (target - measured)
+    budget = min(max(budget, low[0] + 1e-3), min(high[0], 0.99) - 1e-3)
+    if budget >= modelled_share:  # more than the modelled part can give
+        budget = min(high[0], 0.99) - 1e-3
+    return budget, low, high
 
 
 def plan_for_latency(model: nn.Module, groups: Groups, scores: Mapping[int, torch.Tensor], args: list,
@@ -347,17 +381,7 @@ def plan_for_latency(model: nn.Module, groups: Groups, scores: Mapping[int, torc
         tries.append((abs(measured - target), applied, predicted, base_ms, pruned_ms))
         if abs(measured - target) <= latency.tolerance and not dropped:
             break
-        if measured < target:
-            low = max(low, (budget, measured))
-        else:
-            high = min(high, (budget, measured))
-        if high[0] < 1.0:  # secant inside the bracket (the low end may be (0, 0): nothing removed)
-            budget = low[0] + (target - low[1]) * (high[0] - low[0]) / max(high[1] - low[1], 1e-9)
-        else:  # one side only: correct by the miss
-            budget = budget + (target - measured)
-        budget = min(max(budget, low[0] + 1e-3), min(high[0], 0.99) - 1e-3)
-        if budget * base_ms >= modelled:  # more than the modelled part can give
-            budget = min(high[0], 0.99) - 1e-3
+        budget, low, high = _next_budget(target, budget, measured, low, high, modelled / base_ms)
     error, plan, predicted, base_ms, pruned_ms = min(tries, key=lambda t: t[0])
     record = LatencyRecord(target, predicted, 1.0 - pruned_ms / base_ms, base_ms, pruned_ms, modelled,
                            error <= latency.tolerance, tuple(steps), latency.batch_size, threads, table.timed)

@@ -215,6 +215,37 @@ def measure_record(model: nn.Module, data: TransferData, name: str, kind: str, s
                        params=int(count_params(model)), seconds=seconds, **fields)
 
 
+def _train_steps(model: nn.Module, objective: nn.Module, loader, steps: int, optimizer: torch.optim.Optimizer,
+                 schedule, ema, placement: Placement, config: FinetuneConfig, name: str, bar) -> list[float]:
+    """``steps`` optimizer steps over ``loader``'s epochs (at most ``config.max_batches_per_epoch`` batches
+    each); the losses, one per step. A loss that is not finite stops the stage with an error."""
+    losses: list[float] = []
+    epoch = 0
+    while len(losses) < steps:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        for index, (images, targets) in enumerate(loader):
+            if len(losses) >= steps or (config.max_batches_per_epoch is not None
+                                        and index >= config.max_batches_per_epoch):
+                break
+            with placement.autocast():
+                loss = objective(images, targets)
+            if not torch.isfinite(loss):
+                raise InvalidArgumentError(f"stage {name!r}: the training loss is {loss.item()} at "
+                                           f"step {len(losses)}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            schedule.step_update(num_updates=len(losses))
+            if ema is not None:
+                ema.update(model, step=len(losses))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        epoch += 1
+    return losses
+
+
 def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, name: str = "finetune",
               freeze_classifier: bool = False, class_means: torch.Tensor | None = None,
               alignment_weight: float = 0.0, epoch_scale: float = 1.0, ctx: DistContext = DistContext(),
@@ -273,29 +304,8 @@ def finetune_(model: nn.Module, data: TransferData, config: FinetuneConfig, *, n
             schedule = build_schedule(optimizer, config, steps)
             ema = timm.utils.ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay is not None else None
             with tqdm(total=steps, desc=name, disable=not (progress and ctx.is_main), leave=False) as bar:
-                epoch = 0
-                while len(losses) < steps:
-                    if hasattr(loader.sampler, "set_epoch"):
-                        loader.sampler.set_epoch(epoch)
-                    for index, (images, targets) in enumerate(loader):
-                        if len(losses) >= steps or (config.max_batches_per_epoch is not None
-                                                    and index >= config.max_batches_per_epoch):
-                            break
-                        with placement.autocast():
-                            loss = objective(images, targets)
-                        if not torch.isfinite(loss):
-                            raise InvalidArgumentError(f"stage {name!r}: the training loss is {loss.item()} at "
-                                                       f"step {len(losses)}; lower the learning rate")
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        losses.append(float(loss.detach()))
-                        schedule.step_update(num_updates=len(losses))
-                        if ema is not None:
-                            ema.update(model, step=len(losses))
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                    epoch += 1
+                losses = _train_steps(model, objective, loader, steps, optimizer, schedule, ema, placement, config,
+                                      name, bar)
             if ema is not None:  # the stage ends with the averaged weights (and their BN statistics)
                 with torch.no_grad():
                     for mine, averaged in zip(model.state_dict().values(), ema.module.state_dict().values()):
