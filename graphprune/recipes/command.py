@@ -27,7 +27,7 @@ from typing import Any
 from ..errors import InvalidArgumentError
 
 RECIPES = ("s_to_t", "s_tp_t", "sp_t", "transtailor")
-GRANULARITIES = ("channel", "kernel", "unstructured")  # recipes.config.GRANULARITIES, without importing torch
+GRANULARITIES = ("channel", "kernel", "unstructured")  # recipes.prune_config.GRANULARITIES, without importing torch
 CHECKPOINTS = "checkpoints"
 
 

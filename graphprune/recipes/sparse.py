@@ -46,7 +46,8 @@ from ..sparsity import (GradualPruner, GradualSchedule, effective_macs, install_
                         kernel_mask_index, kernel_masks_to_flops_, make_permanent_, maskable_modules,
                         overall_sparsity, unstructured_to_flops_)
 from ..sparsity.budget import global_sparsity_for_macs
-from .config import GRANULARITIES, HEAD_INITS, FinetuneConfig, PruneConfig, RunConfig, TransferConfig
+from .config import HEAD_INITS, FinetuneConfig, PruneConfig, RunConfig, TransferConfig
+from .prune_config import GRANULARITIES
 from .device import Placement
 from .records import RecipeResult, StageRecord
 
