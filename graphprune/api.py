@@ -23,7 +23,8 @@ from .errors import InvalidArgumentError
 from .groups import Groups, check_ignore, find_groups
 from .history import record_plan
 from .inputs import ExampleInputs, as_examples
-from .latency.select import LatencyConfig, plan_for_latency
+from .latency.config import LatencyConfig
+from .latency.select import plan_for_latency
 from .plan import make_plan
 from .selection import PlanConfig
 from .removal import apply_plan_

@@ -18,7 +18,7 @@ from torch import nn
 from ._runtime import sorted_unique
 from .errors import InvalidArgumentError, PruneError
 from .groups import Groups
-from .latency.select import check_latency_reduction
+from .latency.config import check_latency_reduction
 from .measurement import count_macs
 from .plan import Plan, make_plan
 from .selection import PlanConfig, check_ratio, select_channels

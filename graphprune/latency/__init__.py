@@ -11,7 +11,8 @@ The pipeline, as for FLOPs budgets (:mod:`graphprune.budget`), but on measured t
 """
 
 from .predict import Layer, LatencyModel, width_grid
-from .select import LatencyConfig, LatencyRecord, check_latency_reduction, plan_for_latency, select_for_latency
+from .config import LatencyConfig, LatencyRecord, check_latency_reduction
+from .select import plan_for_latency, select_for_latency
 from .table import CACHE_ENV_VAR, LatencyTable, OpSpec, default_cache_path, device_name, time_op
 
 __all__ = [
