@@ -20,7 +20,6 @@ reported in :attr:`Blocks.skipped` with the reason, never guessed.
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,14 +33,14 @@ from ..inputs import ExampleInputs, as_args
 from ..measurement.flops import analyze_macs
 from ..rules.names import spellings
 from ..tracer import preserved_state, trace
-from .modules import Proxy, Skip, ZeroBranch
+from .checks import branch_removal_exact, module_shapes, zeroed_output
+from .modules import Proxy, ZeroBranch
 
 ADD_OPS = frozenset(spellings("add"))
 # products: a block module computing one of these itself is not glue around its children
 _PRODUCT_OPS = frozenset(
     spellings("conv1d", "conv2d", "conv3d", "linear", "matmul", "bmm", "einsum", "scaled_dot_product_attention",
               functional=True) + ["torch.Tensor.__matmul__", "torch.Tensor.__rmatmul__", "torch.addmm", "torch.baddbmm"])
-EXACT_TOLERANCE = 1e-5  # relative max difference for "exact" (float32 summation noise is far below)
 
 
 @dataclass(frozen=True)
@@ -261,101 +260,6 @@ def _ops_by_module_prefix(graph: TraceGraph) -> dict[str, set[int]]:
     return found
 
 
-@contextlib.contextmanager
-def swapped(model: nn.Module, module: str, replacements: dict[str, nn.Module]) -> Iterator[None]:
-    """Temporarily replace children of ``model.get_submodule(module)``; always put them back.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(2, 2))
-        >>> with swapped(net, "", {"0": Skip()}):
-        ...     type(net[0]).__name__
-        'Skip'
-        >>> type(net[0]).__name__
-        'Linear'
-    """
-    parent = model.get_submodule(module)
-    saved = {name: parent._modules[name] for name in replacements}
-    try:
-        for name, child in replacements.items():
-            parent._modules[name] = child
-        yield
-    finally:
-        parent._modules.update(saved)
-
-
-def branch_replacements(block: Block | _Candidate, first: nn.Module) -> dict[str, nn.Module]:
-    """``{child: module}`` that removes ``block``'s branch: ``first`` for its first child, ``Skip`` for the rest.
-
-    Example:
-        >>> c = _Candidate(0, "layer1.0", ("conv1", "bn1"), "layer1.0.bn1", "identity", False)
-        >>> {k: type(v).__name__ for k, v in branch_replacements(c, ZeroBranch()).items()}
-        {'conv1': 'ZeroBranch', 'bn1': 'Skip'}
-    """
-    return {child: (first if i == 0 else Skip()) for i, child in enumerate(block.children)}
-
-
-def _first_tensor(value) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
-
-
-def _shapes(model: nn.Module, args: tuple, names: set[str]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], int]]:
-    """``name -> (input shape, output shape, calls)`` of the named modules in one forward pass."""
-    found: dict[str, list] = {}
-    handles = []
-
-    def hook(name: str):
-        def record(_m, inputs, output):
-            entry = found.setdefault(name, [None, None, 0])
-            x, y = _first_tensor(inputs), _first_tensor(output)
-            if entry[2] == 0 and x is not None and y is not None:
-                entry[0], entry[1] = tuple(x.shape), tuple(y.shape)
-            entry[2] += 1
-        return record
-
-    try:
-        for name in names:
-            handles.append(model.get_submodule(name).register_forward_hook(hook(name)))
-        model(*args)
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: (v[0], v[1], v[2]) for k, v in found.items() if v[0] is not None}
-
-
-def _zeroed_output(model: nn.Module, module: str, args: tuple):
-    handle = model.get_submodule(module).register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
-    try:
-        return model(*args)
-    finally:
-        handle.remove()
-
-
-def _same(a, b) -> bool:
-    xs = [t for t in (a if isinstance(a, (tuple, list)) else (a,)) if isinstance(t, torch.Tensor)]
-    ys = [t for t in (b if isinstance(b, (tuple, list)) else (b,)) if isinstance(t, torch.Tensor)]
-    if len(xs) != len(ys) or not xs:
-        return False
-    for x, y in zip(xs, ys):
-        if x.shape != y.shape:
-            return False
-        scale = float(x.abs().max()) or 1.0
-        if float((x - y).abs().max()) > EXACT_TOLERANCE * scale:
-            return False
-    return True
-
-
-def _check(model: nn.Module, args: tuple, candidate: _Candidate, first: nn.Module, reference) -> bool:
-    try:
-        with swapped(model, candidate.module, branch_replacements(candidate, first)):
-            return _same(model(*args), reference)
-    except Exception:  # a child called with a signature or shape a stand-in cannot take
-        return False
-
-
 def find_blocks(model: nn.Module, example_inputs: ExampleInputs = None, *, graph: TraceGraph | None = None
                 ) -> Blocks:
     """Find every residual branch of ``model`` that can be removed, with its cost.
@@ -397,7 +301,7 @@ def find_blocks(model: nn.Module, example_inputs: ExampleInputs = None, *, graph
         model.eval()
         counts = analyze_macs(model, args)
         children = {f"{c.module}.{child}" for c in candidates for child in c.children}
-        shapes = _shapes(model, args, children)
+        shapes = module_shapes(model, args, children)
         per_module = defaultdict(int)
         for c in candidates:
             per_module[c.module] += 1
@@ -413,12 +317,12 @@ def find_blocks(model: nn.Module, example_inputs: ExampleInputs = None, *, graph
             if macs == 0:
                 skipped.append((where, "the branch has no multiply-adds"))
                 continue
-            reference = _zeroed_output(model, last, args)
-            removable = c.kind == "identity" and _check(model, args, c, ZeroBranch(), reference)
+            reference = zeroed_output(model, last, args)
+            removable = c.kind == "identity" and branch_removal_exact(model, args, c, ZeroBranch(), reference)
             proxy = False
             if not c.glue and len(in_shape) == 4 and len(out_shape) == 4 and in_shape[-1] % out_shape[-1] == 0:
                 spec = Proxy(in_shape[1], out_shape[1], max(in_shape[-1] // out_shape[-1], 1))
-                proxy = _check(model, args, c, spec.to(next(model.parameters())).eval(), reference)
+                proxy = branch_removal_exact(model, args, c, spec.to(next(model.parameters())).eval(), reference)
             if not (removable or proxy):
                 skipped.append((where, "replacing the branch did not reproduce the zeroed-branch output"))
                 continue
