@@ -1,3 +1,4 @@
+# Over 350 lines: every bound a hostile record is checked against, in one place (one schema, one reader).
 """The saved-model record (``graphprune.json``) and the weights file's header: read, bounded and checked.
 
 :func:`graphprune.io.load` reads a directory someone else may have written. Everything in it

@@ -1,3 +1,4 @@
+# Over 350 lines: the recorder's dispatch and the trace it finishes share its private state; one mode, one module.
 """Tracing: run the model once and record every torch function it calls.
 
 Why a ``TorchFunctionMode`` and not ``torch.fx``: fx traces symbolically, so it fails on
