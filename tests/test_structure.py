@@ -92,3 +92,37 @@ def test_lower_layers_do_not_climb_into_the_one_call(module: str) -> None:
 
 def test_history_depends_on_nothing_but_errors() -> None:
     assert graphprune_imports(PACKAGE / "history.py") <= {"graphprune.errors", "graphprune.errors.InvalidArgumentError"}
+
+
+MODULE_LINES, FUNCTION_LINES = 350, 60
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_module_size_or_a_reason(path: Path) -> None:
+    """Small modules: over 350 lines, the first line says why it must be (``# Over 350 lines: ...``)."""
+    text = path.read_text()
+    if text.count("\n") > MODULE_LINES:
+        assert text.startswith("# Over 350 lines: "), f"{path.name}: {text.count(chr(10))} lines and no reason"
+
+
+def long_functions(path: Path, limit: int = FUNCTION_LINES) -> list[str]:
+    """Functions whose body (docstring left out) is longer than ``limit`` lines."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body[1:] if ast.get_docstring(node) and len(node.body) > 1 else node.body
+            if node.end_lineno - body[0].lineno + 1 > limit:
+                found.append(f"{node.name} ({node.end_lineno - body[0].lineno + 1} lines)")
+    return found
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_function_over_60_lines(path: Path) -> None:
+    assert long_functions(path) == []
+
+
+def test_the_length_check_counts_the_body(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    '''doc\n\n    long\n    '''\n" + "    x = 1\n" * 61)
+    assert long_functions(probe) == ["f (61 lines)"]
+    assert long_functions(probe, limit=61) == []
