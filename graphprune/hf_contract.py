@@ -71,21 +71,24 @@ def _is_conv1d(layer: object) -> bool:
     return type(layer).__name__ == "Conv1D" and isinstance(getattr(layer, "weight", None), torch.Tensor)
 
 
-def _out(layer: object) -> int | None:
-    """Output width of a linear-like layer: ``nn.Linear`` rows, GPT-2 ``Conv1D`` columns."""
+def _width(layer: object, side: str) -> int | None:
+    """``"out"`` or ``"in"`` width of a linear-like layer: ``nn.Linear`` weights are (out, in), GPT-2 ``Conv1D``
+    weights (in, out); None for any other layer."""
     if _is_conv1d(layer):
-        return int(layer.weight.shape[1])
+        return int(layer.weight.shape[1 if side == "out" else 0])
     if isinstance(layer, nn.Linear):
-        return int(layer.weight.shape[0])
+        return int(layer.weight.shape[0 if side == "out" else 1])
     return None
+
+
+def _out(layer: object) -> int | None:
+    """Output width of a linear-like layer (see :func:`_width`)."""
+    return _width(layer, "out")
 
 
 def _in(layer: object) -> int | None:
-    if _is_conv1d(layer):
-        return int(layer.weight.shape[0])
-    if isinstance(layer, nn.Linear):
-        return int(layer.weight.shape[1])
-    return None
+    """Input width of a linear-like layer (see :func:`_width`)."""
+    return _width(layer, "in")
 
 
 def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -47,6 +48,20 @@ def plan_texts(model: nn.Module) -> tuple[str, ...]:
     if not isinstance(history, (list, tuple)) or not all(isinstance(text, str) for text in history):
         raise InvalidArgumentError(f"model.{HISTORY_ATTR} must be a list of plan JSON strings")
     return tuple(history)
+
+
+def entry_format(text: str) -> str | None:
+    """The ``format`` a history entry (JSON text) declares, or None for text that is no JSON object.
+
+    Example:
+        >>> entry_format('{"format": "graphprune.plan/2"}'), entry_format("[1]"), entry_format("{")
+        ('graphprune.plan/2', None, None)
+    """
+    try:
+        value = json.loads(text).get("format")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def set_history(model: nn.Module, plans: Iterable[AsJson]) -> None:

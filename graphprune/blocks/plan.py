@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .._runtime import json_record
 from ..errors import InvalidArgumentError
+from ..history import entry_format
 from .discovery import Block, Blocks, find_blocks  # noqa: F401  (find_blocks: docstring example)
 
 BLOCK_PLAN_FORMAT = "graphprune.blocks/1"
@@ -127,10 +128,7 @@ def is_block_plan(text: str) -> bool:
         >>> is_block_plan(BlockPlan(()).to_json()), is_block_plan('{"format": "graphprune.plan/2"}')
         (True, False)
     """
-    try:
-        return json.loads(text).get("format") == BLOCK_PLAN_FORMAT
-    except (ValueError, AttributeError):
-        return False
+    return entry_format(text) == BLOCK_PLAN_FORMAT
 
 
 def select_blocks(blocks: Blocks, scores: Mapping[str, float], *, k: int | None = None,

@@ -21,16 +21,14 @@ No MACs are recorded: fvcore does not count ``aten::lstm`` either.
 
 Example:
     >>> import torch, graphprune as gp
-    >>> class Tagger(torch.nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.embed, self.rnn = torch.nn.Linear(3, 8), torch.nn.LSTM(8, 6, bidirectional=True)
-    ...         self.out = torch.nn.Linear(12, 2)
-    ...     def forward(self, x):
-    ...         return self.out(self.rnn(self.embed(x))[0])
-    >>> groups = gp.find_groups(gp.trace(Tagger(), torch.randn(5, 1, 3)))
-    >>> [(g.name, g.size) for g in groups]  # input features, hidden units
-    [('embed', 8), ('rnn', 6)]
+    >>> class Outputs(torch.nn.Module):  # an LSTM returns (outputs, (h, c))
+    ...     def forward(self, result):
+    ...         return result[0]
+    >>> embed, rnn = torch.nn.Linear(3, 8), torch.nn.LSTM(8, 6, bidirectional=True)
+    >>> tagger = torch.nn.Sequential(embed, rnn, Outputs(), torch.nn.Linear(12, 2))
+    >>> groups = gp.find_groups(gp.trace(tagger, torch.randn(5, 1, 3)))
+    >>> [(g.name, g.size) for g in groups]  # input features (embed), hidden units (rnn)
+    [('0', 8), ('1', 6)]
 """
 
 from __future__ import annotations

@@ -47,12 +47,17 @@ def _blocks(ctx: Context, channels: np.ndarray, n_blocks: int) -> np.ndarray:
     return rows.max(axis=1)
 
 
-@register_rule(*spellings("pixel_shuffle", functional=True))
-def _pixel_shuffle(ctx: Context, call: Call) -> list[TensorInfo]:
-    x, r = call.args[0], int(call.arg(1, "upscale_factor"))
+def _sub_pixel(ctx: Context, call: Call, factor: str) -> tuple:
+    """``(x, r, out, input dims, output dims but the channels)`` of a pixel (un)shuffle call."""
+    x, r = call.args[0], int(call.arg(1, factor))
     out = call.outputs[0]
     dims = ctx.info(x).dims
-    result = _others(ctx, dims, -3, out.dim())
+    return x, r, out, dims, _others(ctx, dims, -3, out.dim())
+
+
+@register_rule(*spellings("pixel_shuffle", functional=True))
+def _pixel_shuffle(ctx: Context, call: Call) -> list[TensorInfo]:
+    x, r, out, dims, result = _sub_pixel(ctx, call, "upscale_factor")
     channels = dims[-3]
     if channels is not None:
         unit = _blocks(ctx, channels, x.shape[-3] // (r * r))
@@ -64,10 +69,7 @@ def _pixel_shuffle(ctx: Context, call: Call) -> list[TensorInfo]:
 
 @register_rule(*spellings("pixel_unshuffle", functional=True))
 def _pixel_unshuffle(ctx: Context, call: Call) -> list[TensorInfo]:
-    x, r = call.args[0], int(call.arg(1, "downscale_factor"))
-    out = call.outputs[0]
-    dims = ctx.info(x).dims
-    result = _others(ctx, dims, -3, out.dim())
+    _, r, _, dims, result = _sub_pixel(ctx, call, "downscale_factor")
     if dims[-3] is not None:
         result[-3] = np.repeat(dims[-3], r * r)
     return [TensorInfo(tuple(result))]

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..groups import classifier_names
-from ..history import record_plan
+from ..history import entry_format, record_plan
 from .kernel_conv import KernelConv2d, check_dense_conv, check_kernels_per_output
 
 KERNEL_PLAN_FORMAT = "graphprune.kernels/1"
@@ -104,10 +104,7 @@ def is_kernel_plan(text: str) -> bool:
         >>> is_kernel_plan(KernelPlan(()).to_json()), is_kernel_plan('{"format": "graphprune.plan/2"}')
         (True, False)
     """
-    try:
-        return json.loads(text).get("format") == KERNEL_PLAN_FORMAT
-    except (ValueError, AttributeError):
-        return False
+    return entry_format(text) == KERNEL_PLAN_FORMAT
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
