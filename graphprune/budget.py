@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,13 +41,27 @@ def removed_classes(groups: Groups, removed: Mapping[int, tuple[int, ...]]) -> n
     return gone
 
 
+class FlopsSelection(NamedTuple):
+    """What :func:`select_for_flops` found.
+
+    Attributes:
+        ratio: the per-group ratio the bisection settled on (the refinement may move some groups past it).
+        selection: ``{group id: removed channel positions}``, for :func:`graphprune.make_plan`.
+        estimated_reduction: the fraction of MACs the graph's estimate says it removes.
+    """
+
+    ratio: float
+    selection: dict[int, tuple[int, ...]]
+    estimated_reduction: float
+
+
 def select_for_flops(groups: Groups, scores: Mapping[int, torch.Tensor], flops_reduction: float, *,
                      config: PlanConfig | None = None, exclude: frozenset[int] = frozenset(),
-                     steps: int = 30) -> tuple[float, dict[int, tuple[int, ...]], float]:
+                     steps: int = 30) -> FlopsSelection:
     """Bisect the per-group ratio until the estimated MACs drop by ``flops_reduction``.
 
     Returns:
-        ``(ratio, selection, estimated_reduction)``.
+        A :class:`FlopsSelection`: ``(ratio, selection, estimated_reduction)``, by name or unpacked.
 
     Raises:
         InvalidArgumentError: if even the largest ratio cannot reach the target.
@@ -55,9 +70,10 @@ def select_for_flops(groups: Groups, scores: Mapping[int, torch.Tensor], flops_r
         >>> import torch, graphprune as gp
         >>> net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
         >>> groups = gp.find_groups(gp.trace(net, torch.randn(1, 8)))
-        >>> ratio, _, reached = select_for_flops(groups, gp.get_scorer("l1")(groups, net), 0.5)
-        >>> round(ratio, 3), round(reached, 2)  # 32 of 64 from ratio 31.5 / 64 on (nearest count)
+        >>> found = select_for_flops(groups, gp.get_scorer("l1")(groups, net), 0.5)
+        >>> round(found.ratio, 3), round(found.estimated_reduction, 2)  # 32 of 64 from ratio 31.5 / 64 on
         (0.492, 0.5)
+        >>> ratio, selection, reached = found  # a tuple too
     """
     check_flops_reduction(flops_reduction)
     graph = groups.graph
@@ -88,8 +104,8 @@ def select_for_flops(groups: Groups, scores: Mapping[int, torch.Tensor], flops_r
     # lose 3 at ratio 0.5, or 8 channels everywhere with round_to=8): refine between the two
     refined = _refine_between(groups, low_chosen, found_chosen, flops_reduction, base)
     if refined is not None:
-        return high_ratio, *refined
-    return high_ratio, found_chosen, found
+        return FlopsSelection(high_ratio, *refined)
+    return FlopsSelection(high_ratio, found_chosen, found)
 
 
 def _refine_between(groups: Groups, low_chosen: dict[int, tuple[int, ...]], found_chosen: dict[int, tuple[int, ...]],
@@ -245,7 +261,7 @@ def plan_for_flops(model: nn.Module, groups: Groups, scores, args: Examples, flo
     base = macs(model)
     exclude: frozenset[int] = frozenset()
     for _ in range(3):
-        _, chosen, _ = select_for_flops(groups, scores, flops_reduction, config=config, exclude=exclude)
+        chosen = select_for_flops(groups, scores, flops_reduction, config=config, exclude=exclude).selection
         plan = make_plan(groups, removed=chosen)
         trial = copy.deepcopy(model)
         applied, dropped = apply_verified_(trial, groups, plan, args)
