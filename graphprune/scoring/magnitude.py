@@ -11,7 +11,7 @@ from torch import nn
 
 from ..groups import ChannelGroup, Groups
 from .registry import Scores, register_scorer
-from .sums import add_member_
+from .sums import add_index_sums_
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -22,10 +22,13 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def member_norms(group: ChannelGroup, model: nn.Module, p: int,
-                 tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                 tensors: dict[str, torch.Tensor] | None = None,
+                 cache: dict[tuple[str, int], torch.Tensor] | None = None) -> torch.Tensor:
     """Sum over members of each channel's slice norm (``p``-th power summed: |w| or w^2), in float64.
 
-    Every member counts, depthwise convs and norm layers included.
+    Every member counts, depthwise convs and norm layers included. ``cache`` (one dict shared
+    over the groups of one scoring pass) keeps every tensor's per-index sums along its first two
+    dims, so a weight that is a member of two groups (its outputs and its inputs) is read once.
 
     Example:
         >>> import torch, graphprune as gp
@@ -35,13 +38,28 @@ def member_norms(group: ChannelGroup, model: nn.Module, p: int,
         torch.float64
     """
     tensors = tensors if tensors is not None else state_tensors(model)
+    cache = cache if cache is not None else {}
     score = torch.zeros(group.size, dtype=torch.float64)
     for member in group.members:
         if member.name not in tensors:
             continue  # a buffer
-        tensor = tensors[member.name].detach().to(torch.float64)  # before the sum, not after
-        add_member_(score, member, tensor.abs() if p == 1 else tensor.square())
+        if (member.name, member.dim) not in cache:
+            cache.update(_index_sums(member.name, tensors[member.name].detach(), p, member.dim))
+        add_index_sums_(score, member, cache[member.name, member.dim])
     return score
+
+
+def _index_sums(name: str, tensor: torch.Tensor, p: int, dim: int) -> dict[tuple[str, int], torch.Tensor]:
+    """``{(name, d): float64 sums of |w|^p over every dim but d}`` for ``dim`` and the first two dims."""
+    if p == 1:  # |w| is exact in any dtype; the sums accumulate in float64 without a float64 copy
+        values, dtype = tensor.abs(), torch.float64
+    else:  # w^2 rounds in a low dtype: square in float64
+        values, dtype = tensor.to(torch.float64).square(), None
+    out = {}
+    for d in sorted({dim, *range(min(2, tensor.dim()))}):
+        other = [o for o in range(tensor.dim()) if o != d]
+        out[name, d] = torch.sum(values, other, dtype=dtype) if other else values.to(torch.float64)
+    return out
 
 
 @register_scorer("l1")
@@ -55,12 +73,12 @@ def l1(groups: Groups, model: nn.Module) -> Scores:
         >>> l1(groups, net)[groups[0].id].shape
         torch.Size([3])
     """
-    tensors = state_tensors(model)
-    return {g.id: member_norms(g, model, 1, tensors) for g in groups}
+    tensors, cache = state_tensors(model), {}
+    return {g.id: member_norms(g, model, 1, tensors, cache) for g in groups}
 
 
 @register_scorer("l2")
 def l2(groups: Groups, model: nn.Module) -> Scores:
     """L2 magnitude: square root of the sum of w^2 over every parameter slice of the channel."""
-    tensors = state_tensors(model)
-    return {g.id: member_norms(g, model, 2, tensors).sqrt() for g in groups}
+    tensors, cache = state_tensors(model), {}
+    return {g.id: member_norms(g, model, 2, tensors, cache).sqrt() for g in groups}

@@ -25,10 +25,23 @@ def add_member_(score: torch.Tensor, member: Member, values: torch.Tensor) -> to
         [2.0, 2.0, 2.0]
     """
     other = [d for d in range(values.dim()) if d != member.dim]
-    per_index = (values.sum(other) if other else values).cpu()
+    return add_index_sums_(score, member, values.sum(other) if other else values)
+
+
+def add_index_sums_(score: torch.Tensor, member: Member, per_index: torch.Tensor) -> torch.Tensor:
+    """Add ``per_index`` (float64 Tensor[member's length along ``member.dim``]) to the channels its indices carry.
+
+    Example:
+        >>> import torch, graphprune as gp
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+        >>> group = gp.find_groups(gp.trace(net, torch.randn(1, 2)))[0]
+        >>> member = next(m for m in group.members if m.name == "0.bias")
+        >>> add_index_sums_(torch.zeros(3, dtype=torch.float64), member, torch.ones(3, dtype=torch.float64)).tolist()
+        [1.0, 1.0, 1.0]
+    """
     channel = torch.from_numpy(member.channel.copy())
     valid = channel >= 0
-    return score.index_add_(0, channel[valid], per_index[valid])
+    return score.index_add_(0, channel[valid], per_index.cpu()[valid])
 
 
 def channel_sums(group: ChannelGroup, per_element: dict[str, torch.Tensor]) -> torch.Tensor:
