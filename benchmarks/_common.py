@@ -174,3 +174,12 @@ def write_report(out: Path, rows: list[dict], *, committed: Path, docs_figure: P
     print(summary.read_text())
     print(f"wrote {out.with_suffix('.png')} and {summary}")
     return is_committed
+
+
+def finish_report(out: Path, rows: list[dict], summarize, plot) -> None:
+    """Print and write ``out``'s summary (``<stem>_summary.txt``) and draw its PNG: every benchmark's last step."""
+    summary = summarize(rows)
+    print(summary)
+    out.with_name(out.stem + "_summary.txt").write_text(summary + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_name(out.stem + '_summary.txt')}")

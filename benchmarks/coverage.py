@@ -61,7 +61,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import attention_qkv, environment_columns, tp_pruner, tp_update_heads  # noqa: E402
+from _common import attention_qkv, environment_columns, finish_report, tp_pruner, tp_update_heads  # noqa: E402
 from models import LISTS  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -584,12 +584,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool:
         rows = list(pool.map(task, tasks))
-    merged = merge_csv(out, rows)
-    summary = summarize(merged)
-    print(summary)
-    out.with_name(out.stem + "_summary.txt").write_text(summary + "\n")
-    plot(merged, out.with_suffix(".png"))
-    print(f"wrote {out}, {out.with_suffix('.png')}")
+    finish_report(out, merge_csv(out, rows), summarize, plot)
 
 
 if __name__ == "__main__":

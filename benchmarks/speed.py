@@ -67,7 +67,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import attention_qkv, environment_columns, search_ratio, tp_pruner, tp_update_heads  # noqa: E402
+from _common import attention_qkv, environment_columns, finish_report, search_ratio, tp_pruner, tp_update_heads  # noqa: E402
 
 RESULTS = HERE / "results"
 BATCHES = (1, 16)
@@ -545,12 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.replot:
         with niceness(cfg.nice) as nice:  # before torch starts its thread pool
             run(cfg, out, nice)
-    rows = read_csv(out)
-    summary = summarize(rows)
-    print(summary)
-    out.with_name(out.stem + "_summary.txt").write_text(summary + "\n")
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_name(out.stem + '_summary.txt')}")
+    finish_report(out, read_csv(out), summarize, plot)
 
 
 if __name__ == "__main__":
