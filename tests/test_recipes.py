@@ -213,6 +213,37 @@ def test_s_tp_t_records_and_checkpoints(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temp files left
 
 
+def test_iterative_s_tp_t_reaches_the_budget_in_steps(tmp_path, monkeypatch):
+    """prune.steps = 3: three cuts of 1/3 of the budget each (of the unpruned MACs), each recovered
+    for a third of the epochs; stages named so that resume and the last records read as one cut."""
+    config = _quiet(source=R.FinetuneConfig(epochs=1), target=R.FinetuneConfig(epochs=3),
+                    prune=R.PruneConfig(scorer="l1", flops_reduction=0.3, steps=3),
+                    run=R.RunConfig(checkpoint_dir=str(tmp_path), progress=False))
+    source = timm.create_model("resnet18", pretrained=False).eval()  # fine enough for 10 % steps (test_* are not)
+    model, result = R.s_tp_t(source, _synthetic(), config)
+    names = [s.name for s in result.stages]
+    assert names == ["probe", "source", "prune.1", "target.1", "prune.2", "target.2", "prune", "target"]
+    base = result.base_macs
+    reached = [1 - result.stage(n).macs / base for n in ("prune.1", "prune.2", "prune")]
+    assert reached == pytest.approx([0.1, 0.2, 0.3], abs=0.015)  # each step ends at its share of the budget
+    assert [result.stage(n).steps for n in ("target.1", "target.2", "target")] == [4, 4, 4]  # 1 epoch of 4 batches
+    assert result.flops_reduction == pytest.approx(0.3, abs=0.015)
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage trained again")
+
+    monkeypatch.setattr(pipelines, "finetune_", no_training)
+    monkeypatch.setattr(pipelines, "prune_stage_", no_training)
+    again, resumed = R.s_tp_t(source, _synthetic(), config)  # every stage checkpointed: loaded, not rerun
+    assert _same_state(again, model) and [s.name for s in resumed.stages] == names
+
+
+@pytest.mark.parametrize("fields", [{"steps": 0}, {"steps": 2.0}, {"steps": 2, "ratio": 0.3, "flops_reduction": None},
+                                    {"steps": 2, "granularity": "kernel"}])
+def test_prune_steps_bad_values(fields):
+    with pytest.raises(gp.InvalidArgumentError, match="steps"):
+        R.PruneConfig(**fields)
+
+
 def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     config = _quiet(source=R.FinetuneConfig(epochs=1), prune=R.PruneConfig(flops_reduction=None, ratio=0.3),
                     target=R.FinetuneConfig(epochs=1), run=R.RunConfig(checkpoint_dir=str(tmp_path), progress=False))

@@ -42,6 +42,8 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
         >>> argv = ["transfer", "resnet18", "--data", "d", "-o", "out", "--recipe", "sp_t", "--granularity", "kernel"]
         >>> _configs(build_parser().parse_args(argv)).prune.granularity
         'kernel'
+        >>> round(_configs(build_parser().parse_args(argv[:-2] + ["--prune-steps", "3"])).prune.step_reductions()[0], 3)
+        0.1
     """
     from .config import FinetuneConfig, PruneConfig
 
@@ -73,6 +75,9 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--residual-scale", type=float, default=PruneConfig.residual_scale, metavar="S",
                         help="prune residual streams at S times the others' ratio (default "
                              f"{PruneConfig.residual_scale:g}: keep them whole; 1: like every other group)")
+    parser.add_argument("--prune-steps", type=int, default=1, metavar="N",
+                        help="reach --flops-reduction in N equal steps, each fine-tuned for 1/N of --target-epochs "
+                             "(default 1: one cut)")
     parser.add_argument("--classifier-reuse", action="store_true", help="S->TP->T: keep the fine-tuned classifier")
     parser.add_argument("--alignment-weight", type=float, default=0.0, metavar="W",
                         help="class-mean alignment loss weight (default 0)")
@@ -110,7 +115,7 @@ def _configs(args: argparse.Namespace):
                                    f"not {args.recipe}")
     prune = C.PruneConfig(scorer=args.scorer, classifier_reuse=args.classifier_reuse,
                           alignment_weight=args.alignment_weight, granularity=args.granularity,
-                          residual_scale=args.residual_scale, **budget)
+                          residual_scale=args.residual_scale, steps=args.prune_steps, **budget)
     return C.TransferConfig(source=source, prune=prune, target=target, run=run, head_init=args.head_init)
 
 

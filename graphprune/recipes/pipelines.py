@@ -104,8 +104,7 @@ def s_tp_t(model: nn.Module, data: TransferData, config: TransferConfig | None =
     run.stage("source", run.finetune("source", config.source))
     means = run.class_means()  # run.model is the fine-tuned full model here, trained now or resumed
     teacher = run.teacher()
-    run.stage("prune", run.prune("prune"))
-    run.stage("target", run.target(config.target, **run.target_options(means, teacher)))
+    run.prune_and_recover(config.target, means, teacher)
     return run.finish()
 
 
@@ -144,7 +143,6 @@ def sp_t(model: nn.Module, data: TransferData, config: TransferConfig | None = N
     run = RecipeRun("SP->T", model, data, config)
     run.probe()  # data-driven scorers then see a head that fits the target classes
     means = run.class_means()  # of the unpruned source, with the target's fresh classifier
-    run.stage("prune", run.prune("prune"))
-    run.stage("target", run.target(config.target, **run.target_options(means)))
+    run.prune_and_recover(config.target, means)
     return run.finish()
 

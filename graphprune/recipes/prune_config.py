@@ -77,6 +77,10 @@ class PruneConfig:
             cubic schedule (from 0 to the budget's sparsity) instead of in one shot; that stage
             must train the backbone (``epochs > 0``, ``mode="full"``).
         gradual_end_fraction: the share of that stage's steps at which the final sparsity is reached.
+        steps: iterative pruning: reach ``flops_reduction`` in this many equal steps of the
+            unpruned model's MACs (step ``i`` ends at ``i / steps`` of the budget), each followed by
+            ``1 / steps`` of the fine-tuning after pruning, so the training compute stays about the
+            same as one cut; channel granularity and ``flops_reduction`` only. 1: one cut.
         keep_masks: kernel and unstructured: return the model with its masks (to train further,
             or to evaluate at dense speed) instead of the permanent form (to save and deploy);
             stage checkpoints hold masks either way.
@@ -99,6 +103,7 @@ class PruneConfig:
     gradual: bool = False
     gradual_end_fraction: float = 0.8
     keep_masks: bool = False
+    steps: int = 1
 
     def __post_init__(self) -> None:
         get_scorer(self.scorer)  # unknown names raise with the list of known ones
@@ -128,6 +133,23 @@ class PruneConfig:
                                        f"got {self.recalibrate_batches!r}")
         check_recalibration("PruneConfig", self.recalibration)
         self._check_granularity()
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InvalidArgumentError(f"PruneConfig.steps must be an int >= 1, got {self.steps!r}")
+        if self.steps > 1 and (self.granularity != "channel" or self.flops_reduction is None):
+            raise InvalidArgumentError("PruneConfig.steps > 1 prunes channels to a FLOPs budget in steps: it needs "
+                                       "granularity='channel' and flops_reduction=")
+
+    def step_reductions(self) -> tuple[float, ...]:
+        """Each step's ``flops_reduction`` of the model it starts from, so step ``i`` ends at ``i / steps``
+        of the budget measured on the unpruned model.
+
+        Example:
+            >>> [round(r, 4) for r in PruneConfig(flops_reduction=0.3, steps=3).step_reductions()]
+            [0.1, 0.1111, 0.125]
+        """
+        budget = self.flops_reduction or 0.0
+        ends = [budget * i / self.steps for i in range(self.steps + 1)]
+        return tuple(1.0 - (1.0 - ends[i]) / (1.0 - ends[i - 1]) for i in range(1, self.steps + 1))
 
     def _check_granularity(self) -> None:
         if self.granularity not in GRANULARITIES:

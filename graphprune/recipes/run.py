@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..measurement import count_macs
 from .checkpoint import StageStore
-from .config import FinetuneConfig, TransferConfig
+from .config import FinetuneConfig, PruneConfig, TransferConfig
 from .data import TransferData
 from .device import DeviceLoader, Placement
 from .distributed import DistContext, context, rank_device, sync_state_, train_shard
@@ -134,10 +135,29 @@ class RecipeRun:
                                        seed=self.config.run.seed, progress=self.progress, placement=self.placement,
                                        **options)
 
-    def prune(self, name: str) -> Stage:
-        return lambda model: prune_stage_(model, self.data, self.config.prune, name=name, ctx=self.ctx,
+    def prune(self, name: str, config: PruneConfig | None = None) -> Stage:
+        config = config or self.config.prune
+        return lambda model: prune_stage_(model, self.data, config, name=name, ctx=self.ctx,
                                           seed=self.config.run.seed, progress=self.progress,
                                           placement=self.placement)
+
+    def prune_and_recover(self, target: FinetuneConfig, class_means: torch.Tensor | None,
+                          teacher: nn.Module | None = None) -> None:
+        """Stages ``prune`` and ``target``; with ``prune.steps = n > 1``, ``prune.1``, ``target.1``, ...,
+        ``prune.{n-1}``, ``target.{n-1}``, ``prune``, ``target``: each step removes its share of the
+        budget (:meth:`~graphprune.recipes.PruneConfig.step_reductions`) and is fine-tuned for
+        ``target.epochs / n`` epochs, with the same reuse, alignment and distillation."""
+        prune = self.config.prune
+        if prune.steps == 1:
+            self.stage("prune", self.prune("prune"))
+            self.stage("target", self.target(target, **self.target_options(class_means, teacher)))
+            return
+        recover = replace(target, epochs=target.epochs / prune.steps)
+        for step, reduction in enumerate(prune.step_reductions(), start=1):
+            suffix = "" if step == prune.steps else f".{step}"
+            self.stage("prune" + suffix, self.prune("prune" + suffix, replace(prune, flops_reduction=reduction)))
+            options = self.target_options(class_means, teacher, prune_stage="prune" + suffix)
+            self.stage("target" + suffix, self.finetune("target" + suffix, recover, **options))
 
     def class_means(self) -> torch.Tensor | None:
         """Class means of ``self.model`` for the alignment loss, if the target stage still needs them."""
@@ -152,14 +172,15 @@ class RecipeRun:
             return None
         return copy.deepcopy(self.model).eval()
 
-    def target_options(self, class_means: torch.Tensor | None, teacher: nn.Module | None = None) -> dict:
+    def target_options(self, class_means: torch.Tensor | None, teacher: nn.Module | None = None, *,
+                       prune_stage: str = "prune") -> dict:
         """Keyword arguments of the fine-tuning after pruning: reuse, alignment, distillation, epoch scale."""
         prune = self.config.prune
         options: dict = {"freeze_classifier": prune.classifier_reuse, "teacher": teacher}
         if class_means is not None:
             options.update(alignment_weight=prune.alignment_weight, class_means=class_means)
         if prune.scale_epochs:
-            reduction = self.store.record("prune").details["flops_reduction"]
+            reduction = self.store.record(prune_stage).details["flops_reduction"]
             options["epoch_scale"] = 1.0 / max(1.0 - reduction, 1e-6)
         return options
 
