@@ -100,12 +100,13 @@ class Variant:
     scope: str = "local"
     distill: float = 0.0
     residual: float = 1.0  # PruneConfig.residual_scale
+    steps: int = 1  # PruneConfig.steps: iterative pruning, each step recovered for 1/steps of the epochs
 
     @property
     def name(self) -> str:
         return (self.scorer + ("+reuse" if self.reuse else "") + ("+align" if self.align else "")
                 + ("+global" if self.scope == "global" else "") + ("+kd" if self.distill else "")
-                + (f"+res{self.residual:g}" if self.residual != 1 else ""))
+                + (f"+res{self.residual:g}" if self.residual != 1 else "") + (f"+it{self.steps}" if self.steps > 1 else ""))
 
 
 def _set(recipe: str, scorers: tuple[str, ...], budgets: tuple[float, ...]) -> tuple[Variant, ...]:
@@ -114,9 +115,10 @@ def _set(recipe: str, scorers: tuple[str, ...], budgets: tuple[float, ...]) -> t
         for s in scorers:
             scorer, *flags = s.split("+")
             residual = next((float(f[3:]) for f in flags if f.startswith("res")), 1.0)
+            steps = next((int(f[2:]) for f in flags if f.startswith("it")), 1)
             out.append(Variant(recipe, scorer, budget, reuse="reuse" in flags, align=1.0 if "align" in flags else 0.0,
                                scope="global" if "global" in flags else "local",
-                               distill=DISTILL if "kd" in flags else 0.0, residual=residual))
+                               distill=DISTILL if "kd" in flags else 0.0, residual=residual, steps=steps))
     return tuple(out)
 
 
@@ -127,7 +129,9 @@ ALL_SCORERS = ("l1", "random", "target_taylor", "classmean", "classmean+reuse", 
                # residual streams kept whole (PruneConfig.residual_scale=0): the budget met inside the blocks
                "l1+res0", "target_taylor+res0", "classmean+align+res0", "classmean+reuse+align+res0",
                # and distilled from the unpruned S->T model while it recovers (FinetuneConfig.distill)
-               "target_taylor+kd+res0", "classmean+align+kd+res0")
+               "target_taylor+kd+res0", "classmean+align+kd+res0",
+               # iterative: the budget in 3 cuts, each recovered for a third of the epochs (PruneConfig.steps)
+               "classmean+reuse+align+res0+it3")
 # the core set: the two strongest graphprune recipes of the previous Flowers run (with and without the
 # residual streams pruned), Torch-Pruning group L1
 CORE_SCORERS = ("target_taylor", "classmean+align", "target_taylor+res0", "classmean+align+res0", "tp_l1")
@@ -361,17 +365,25 @@ def run_variant(task_name: str, task: Task, variant: Variant, seed: int, source:
                               alignment_weight=variant.align, scope=variant.scope, residual_scale=variant.residual,
                               max_group_ratio=GLOBAL_CAP if variant.scope == "global" else None,
                               # a class mean needs every class: classmean reads the whole training set
-                              scoring_batches=None if variant.scorer == "classmean" else task.scoring_batches)
-        R.prune_stage_(model, data, prune, seed=seed, progress=False, placement=placement)
-    extra["prune_s"] = round(time.perf_counter() - prune_start, 1)
-    if variant.align and "means" not in means:
-        means["means"] = R.stages.full_model_class_means(full, data, progress=False)
-    record = R.finetune_(model, data, replace(task.target, distill=variant.distill), name="target",
-                         freeze_classifier=variant.reuse, class_means=means.get("means") if variant.align else None,
-                         alignment_weight=variant.align, seed=seed, progress=False, placement=placement,
-                         teacher=full if variant.distill else None)
-    budget = {"train_steps": full_budget["train_steps"] + record.steps,
-              "train_gmacs": round(full_budget["train_gmacs"] + record.steps * task.batch_size * record.macs / 1e9, 1)}
+                              scoring_batches=None if variant.scorer == "classmean" else task.scoring_batches,
+                              steps=variant.steps)
+    target = replace(task.target, distill=variant.distill, epochs=task.target.epochs / variant.steps)
+    steps, gmacs = full_budget["train_steps"], full_budget["train_gmacs"]
+    for step in range(variant.steps):  # one cut, or PruneConfig.steps cuts each recovered for 1/steps of the epochs
+        if not variant.scorer.startswith("tp_"):
+            reduction = prune.step_reductions()[step] if variant.steps > 1 else prune.flops_reduction
+            R.prune_stage_(model, data, replace(prune, flops_reduction=reduction, steps=1), seed=seed, progress=False,
+                           placement=placement)
+        extra["prune_s"] = extra.get("prune_s", 0.0) + round(time.perf_counter() - prune_start, 1)
+        if variant.align and "means" not in means:  # after the first cut, as in one-shot rows (the loaders' order)
+            means["means"] = R.stages.full_model_class_means(full, data, progress=False)
+        record = R.finetune_(model, data, target, name="target", freeze_classifier=variant.reuse,
+                             class_means=means.get("means") if variant.align else None,
+                             alignment_weight=variant.align, seed=seed, progress=False, placement=placement,
+                             teacher=full if variant.distill else None)
+        steps, gmacs = steps + record.steps, gmacs + record.steps * task.batch_size * record.macs / 1e9
+        prune_start = time.perf_counter()
+    budget = {"train_steps": steps, "train_gmacs": round(gmacs, 1)}
     return _row(task_name, task, variant, "S->TP->T", seed, model, data, test, base_macs, started, placement,
                 **extra, **budget)
 
