@@ -694,6 +694,29 @@ def update_readme(rows: list[dict], readme: Path = Path(__file__).resolve().pare
         readme.write_text(head + begin + "\n\n" + tables_markdown(rows) + "\n" + end + rest.split(end, 1)[1])
 
 
+def compare_markdown(paths: list[Path], task: str = "flowers17", variants: list[str] | None = None,
+                     budgets: list[float] | None = None) -> str:
+    """One markdown table over several runs' CSVs (a schedule study): per CSV and variant, the schedule
+    its rows record (S->T and after-pruning epochs), test mean ± std over seeds, val mean, the seeds.
+    ``variants`` / ``budgets`` keep only those pruned rows (LP and S->T always stay)."""
+    lines = ["| CSV | S->T epochs | epochs after pruning | variant | budget | test accuracy | val accuracy | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        rows = [r for r in read_rows(path) if r["task"] == task]
+        for e in aggregate(rows):
+            pruned = e["recipe"] not in ("LP", "S->T")
+            if not e["seeds"] or pruned and ((variants and e["variant"] not in variants)
+                                             or (budgets and e["budget"] not in budgets)):
+                continue
+            mine = [r for r in rows if r["variant"] == e["variant"] and float(r["budget"]) == e["budget"]]
+            source, target = mine[0]["source_epochs"], mine[0]["target_epochs"] if e["budget"] else "–"
+            budget = f"{e['budget']:.0%}" if e["budget"] else "–"
+            lines.append(f"| `{path.name}` | {float(source):g} | {target if target == '–' else f'{float(target):g}'} | "
+                         f"{e['variant']} | {budget} | {e['test_accuracy']:.3f} ± {e['test_accuracy_std']:.3f} | "
+                         f"{e['val_accuracy']:.3f} | {','.join(e['seed_list'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(out: Path) -> None:
     rows = read_rows(out)
     if write_report(out, rows, committed=RESULTS / "transfer.csv", docs_figure=DOCS_FIGURE, plot=plot,
@@ -719,10 +742,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-epochs", type=float, default=None, metavar="E",
                         help="override every task's epochs after pruning (a schedule study; its own --out)")
     parser.add_argument("--report", type=Path, default=None, help="only redraw the PNG and summary of this CSV")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="CSV",
+                        help="only print one markdown table over these runs' CSVs (Flowers-17 rows)")
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # job processes of a queue
     args = parser.parse_args(argv)
     if args.report:
         report(args.report)
+        return
+    if args.compare:
+        print(compare_markdown(args.compare, variants=args.variants, budgets=args.budgets), end="")
         return
     torch.set_num_threads(args.threads)
     tasks = QUICK if args.quick else FULL
