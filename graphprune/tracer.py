@@ -372,8 +372,11 @@ def _finish(recorder: _Recorder, ctx: Context, store: ElementStore, outs: list, 
                                     tuple(_leading_dim_follows_data(recorder, o, i, run_saw)
                                           for o, i in zip(tensors, infos))))
     classes = store.resolve()
-    return TraceGraph(recorder.graph(), tuple(recorder.ops), store, classes, store.frozen_classes(classes),
-                      dict(ctx.state_infos), recorder.unsupported, tuple(i for o in outputs for i in o.infos),
-                      tuple(s for o in outputs for s in o.shapes), store.statistic_classes(classes),
-                      tuple(ctx.costs), {name: recorder.module_ints(name) for name in recorder.modules},
-                      tuple(outputs), _untraced(model, ctx.state_infos), model_fingerprint(model))
+    return TraceGraph(graph=recorder.graph(), ops=tuple(recorder.ops), store=store, classes=classes,
+                      frozen=store.frozen_classes(classes), state_infos=dict(ctx.state_infos),
+                      unsupported=recorder.unsupported, output_infos=tuple(i for o in outputs for i in o.infos),
+                      output_shapes=tuple(s for o in outputs for s in o.shapes),
+                      statistic=store.statistic_classes(classes), costs=tuple(ctx.costs),
+                      module_ints={name: recorder.module_ints(name) for name in recorder.modules},
+                      outputs=tuple(outputs), untraced=_untraced(model, ctx.state_infos),
+                      fingerprint=model_fingerprint(model))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import graphprune as gp
-from graphprune import cli
+from graphprune import cli, cli_commands
 from graphprune import io as gio
 from graphprune.testing import zero_channels_
 from graphprune.verify import apply_verified_
@@ -298,7 +298,7 @@ def _unwritable(tmp_path: Path) -> Path:
 
 def test_cli_refuses_an_unwritable_output_folder_before_pruning(tmp_path, monkeypatch, capsys):
     folder = _unwritable(tmp_path)
-    monkeypatch.setattr(cli, "prune_in_stages", lambda *a, **k: pytest.fail("pruned before checking OUTPUT"))
+    monkeypatch.setattr(cli_commands, "prune_in_stages", lambda *a, **k: pytest.fail("pruned before checking OUTPUT"))
     status = cli.main(["prune", "test_resnet", "-o", str(folder / "out"), "--ratio", "0.5", "--no-latency", "-q"])
     assert status == 2
     assert f"cannot write to {folder}" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,14 +40,8 @@ class Call:
     out: Any
     module: str
     index: int
-    dynamic: set = None  # integer arguments a rule found to be read from a tensor's shape
-    attributes: set = None  # integer attributes the executing module's forward reads
-
-    def __post_init__(self) -> None:
-        if self.dynamic is None:
-            self.dynamic = set()
-        if self.attributes is None:
-            self.attributes = set()
+    dynamic: set = field(default_factory=set)  # integer arguments a rule found to be read from a tensor's shape
+    attributes: set = field(default_factory=set)  # integer attributes the executing module's forward reads
 
     @functools.cached_property
     def tensor_args(self) -> list[torch.Tensor]:
