@@ -17,7 +17,7 @@ UNARY = [
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
     "abs", "neg", "exp", "log", "sqrt", "rsqrt", "square", "reciprocal", "sign", "erf", "sin", "cos",
     "clamp", "clamp_min", "clamp_max", "clip", "float", "half", "double", "bfloat16", "to", "type",
-    "type_as", "contiguous", "clone", "detach", "softmax", "log_softmax", "cumsum", "nan_to_num",
+    "type_as", "contiguous", "clone", "detach", "cumsum", "nan_to_num",
     "requires_grad_", "pow", "round", "floor", "ceil", "trunc", "frac", "sigmoid_", "exp_", "sqrt_",
     "norm_except_dim", "zeros_like",
 ]
@@ -42,9 +42,6 @@ def broadcast_info(ctx: Context, inputs: list, shape: tuple[int, ...]) -> Tensor
 
 def _unary(ctx: Context, call: Call) -> list[TensorInfo]:
     source = call.tensor_args[0]
-    if "softmax" in call.name:  # softmax of zeros is uniform, not zero: zeroing is visible downstream
-        for dim in ctx.info(source).dims:
-            ctx.store.mark_statistic(dim)
     infos = []
     for out in call.outputs:
         if out.shape == source.shape:
@@ -59,5 +56,14 @@ def _nary(ctx: Context, call: Call) -> list[TensorInfo]:
     return [broadcast_info(ctx, inputs, tuple(out.shape)) for out in call.outputs]
 
 
+def _softmax(ctx: Context, call: Call) -> list[TensorInfo]:
+    """A unary op whose every dim is a statistic: softmax of zeros is uniform, not zero, so zeroing is
+    visible downstream."""
+    for dim in ctx.info(call.tensor_args[0]).dims:
+        ctx.store.mark_statistic(dim)
+    return _unary(ctx, call)
+
+
 register_rule(*spellings(*UNARY, functional=True))(_unary)
+register_rule(*spellings("softmax", "log_softmax", functional=True))(_softmax)
 register_rule(*spellings(*NARY, functional=True))(_nary)
