@@ -371,9 +371,8 @@ def run_variant(task_name: str, task: Task, variant: Variant, seed: int, source:
     steps, gmacs = full_budget["train_steps"], full_budget["train_gmacs"]
     for step in range(variant.steps):  # one cut, or PruneConfig.steps cuts each recovered for 1/steps of the epochs
         if not variant.scorer.startswith("tp_"):
-            reduction = prune.step_reductions()[step] if variant.steps > 1 else prune.flops_reduction
-            R.prune_stage_(model, data, replace(prune, flops_reduction=reduction, steps=1), seed=seed, progress=False,
-                           placement=placement)
+            R.prune_stage_(model, data, replace(prune, flops_reduction=prune.step_reductions()[step], steps=1),
+                           seed=seed, progress=False, placement=placement)
         extra["prune_s"] = extra.get("prune_s", 0.0) + round(time.perf_counter() - prune_start, 1)
         if variant.align and "means" not in means:  # after the first cut, as in one-shot rows (the loaders' order)
             means["means"] = R.stages.full_model_class_means(full, data, progress=False)
@@ -699,8 +698,8 @@ def compare_markdown(paths: list[Path], task: str = "flowers17", variants: list[
     """One markdown table over several runs' CSVs (a schedule study): per CSV and variant, the schedule
     its rows record (S->T and after-pruning epochs), test mean ± std over seeds, val mean, the seeds.
     ``variants`` / ``budgets`` keep only those pruned rows (LP and S->T always stay)."""
-    lines = ["| CSV | S->T epochs | epochs after pruning | variant | budget | test accuracy | val accuracy | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| CSV | S->T epochs | epochs after pruning | recipe | variant | budget | test accuracy | val accuracy "
+             "| seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         rows = [r for r in read_rows(path) if r["task"] == task]
         for e in aggregate(rows):
@@ -708,10 +707,11 @@ def compare_markdown(paths: list[Path], task: str = "flowers17", variants: list[
             if not e["seeds"] or pruned and ((variants and e["variant"] not in variants)
                                              or (budgets and e["budget"] not in budgets)):
                 continue
-            mine = [r for r in rows if r["variant"] == e["variant"] and float(r["budget"]) == e["budget"]]
-            source, target = mine[0]["source_epochs"], mine[0]["target_epochs"] if e["budget"] else "–"
+            first = next(r for r in rows if (r["recipe"], r["variant"]) == (e["recipe"], e["variant"])
+                         and float(r["budget"]) == e["budget"])
+            target = f"{float(first['target_epochs']):g}" if pruned else "–"
             budget = f"{e['budget']:.0%}" if e["budget"] else "–"
-            lines.append(f"| `{path.name}` | {float(source):g} | {target if target == '–' else f'{float(target):g}'} | "
+            lines.append(f"| `{path.name}` | {float(first['source_epochs']):g} | {target} | {e['recipe']} | "
                          f"{e['variant']} | {budget} | {e['test_accuracy']:.3f} ± {e['test_accuracy_std']:.3f} | "
                          f"{e['val_accuracy']:.3f} | {','.join(e['seed_list'])} |")
     return "\n".join(lines) + "\n"

@@ -1,8 +1,9 @@
 """FLOPs budgets: find the pruning ratio that removes a target fraction of the MACs.
 
 The research this project follows states budgets in FLOPs, not channel ratios. The
-search runs on the graph's closed-form MAC estimate (:meth:`TraceGraph.estimate_macs`,
-no forward pass per step); the caller verifies the result with fvcore.
+search (:func:`select_for_flops`) runs on the graph's closed-form MAC estimate
+(:meth:`TraceGraph.estimate_macs`, no forward pass per step); :func:`plan_for_flops` then
+verifies it on a trial copy, measured with fvcore.
 """
 
 from __future__ import annotations

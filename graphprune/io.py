@@ -101,7 +101,7 @@ def _plans_of(model: nn.Module) -> tuple[Edit, ...]:
     return tuple(parse_edit(text) for text in plan_texts(model))
 
 
-def _checked_tensors(state: Mapping[str, torch.Tensor], arch: Architecture, plans: tuple[Edit, ...],
+def _checked_tensors(state: Mapping[str, torch.Tensor], arch: Architecture, plans_json: list[dict[str, Any]],
                      target: Path) -> dict[str, dict[str, Any]]:
     """The tensor record of ``state``, once the record is known to rebuild it the way :func:`load` will.
 
@@ -119,14 +119,13 @@ def _checked_tensors(state: Mapping[str, torch.Tensor], arch: Architecture, plan
         raise ModelFileError(f"cannot save to {target}: the model has tensors of dtype {unknown}; a saved model "
                              f"holds {', '.join(io_record.DTYPES)}")
     own = (arch.factory,) if arch.factory is not None else ()  # the caller named it: saving may import it
-    plans_json = [json.loads(plan.to_json()) for plan in plans]
     rebuilt = build_model(arch, device="meta", allow_factories=own)
     io_replay.replay_on_meta(rebuilt, plans_json, f"cannot save to {target}")  # what load() will check
     rebuilt = rebuilt.state_dict()
     problems = shape_differences(shapes_only(tensors), shapes_only(tensor_record(rebuilt)))
     if problems:
         raise ModelFileError(
-            f"cannot save: {arch.name} {dict(arch.kwargs)} with the model's {len(plans)} plan(s) re-applied does "
+            f"cannot save: {arch.name} {dict(arch.kwargs)} with the model's {len(plans_json)} plan(s) re-applied does "
             f"not have this model's tensors ({'; '.join(problems)}); was the model changed outside graphprune "
             '(e.g. a new head)? pass architecture={"timm": ..., "kwargs": {...}} with the creation arguments')
     return tensors
@@ -179,9 +178,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
                                        'architecture={"factory": ..., "kwargs": {...}})')
         architecture = {"factory": factory}
     arch = Architecture.from_dict(architecture) if architecture is not None else infer_architecture(model)
-    plans = _plans_of(model)
+    plans_json = [json.loads(plan.to_json()) for plan in _plans_of(model)]
     state = model.state_dict(keep_vars=True)
-    tensors = _checked_tensors(state, arch, plans, target)
+    tensors = _checked_tensors(state, arch, plans_json, target)
     stored, tied = split_tied(state)
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -197,7 +196,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str
         record = {
             "format": MODEL_FORMAT,
             "architecture": arch.to_dict(),
-            "plans": [json.loads(plan.to_json()) for plan in plans],
+            "plans": plans_json,
             "tensors": tensors,
             "tied": tied,
             "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": sha256_of(weights)},

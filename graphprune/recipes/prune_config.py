@@ -146,8 +146,15 @@ class PruneConfig:
         Example:
             >>> [round(r, 4) for r in PruneConfig(flops_reduction=0.3, steps=3).step_reductions()]
             [0.1, 0.1111, 0.125]
+            >>> PruneConfig(flops_reduction=0.3).step_reductions()  # one cut: the budget itself
+            (0.3,)
         """
-        budget = self.flops_reduction or 0.0
+        budget = self.flops_reduction
+        if budget is None:
+            raise InvalidArgumentError("PruneConfig.step_reductions() splits a FLOPs budget; this config prunes "
+                                       "by ratio=")
+        if self.steps == 1:
+            return (budget,)
         ends = [budget * i / self.steps for i in range(self.steps + 1)]
         return tuple(1.0 - (1.0 - ends[i]) / (1.0 - ends[i - 1]) for i in range(1, self.steps + 1))
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
