@@ -47,6 +47,7 @@ import argparse
 import copy
 import csv
 import fcntl
+import os
 import statistics
 import subprocess
 import sys
@@ -65,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphprune.recipes as R  # noqa: E402
 from _common import environment_columns, tp_prune_to_budget, write_report  # noqa: E402
 from graphprune.assets import CifarResNet, load_cifar_resnet, load_efficientnet_lite0, shared_data_dir  # noqa: E402
-from graphprune.measurement import count_macs, count_params  # noqa: E402
+from graphprune.measurement import count_macs, count_params, measure_latency  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = [
@@ -74,7 +75,12 @@ FIELDS = [
     "train_gmacs", "tp_ratio", "prune_s", "seconds", "error", "image_size", "train_images", "test_images",
     "source_epochs", "target_epochs", "threads", "device", "torch", "timm", "torch_pruning", "graphprune",
     "python", "cpu", "date",
+    # S->TP->T rows: batch-1 CPU latency of the pruned and the full model, timed interleaved (LATENCY_ROUNDS)
+    "latency_ms", "base_latency_ms", "load1",
+    # +lat rows: the target (the FLOPs twin's measured reduction), the twin's latency, the prune's own record
+    "latency_target", "twin_latency_ms", "latency_predicted", "latency_measured",
 ]
+LATENCY_ROUNDS, LATENCY_REPEATS = 7, 15  # interleaved rounds x timed passes per model and round
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,9 @@ class Variant:
         scope: ``"local"`` (the same fraction of every group) or ``"global"`` (one ranking over
             all groups, at most ``GLOBAL_CAP`` of a group removed).
         distill: weight of distillation from the S->T model while the pruned model fine-tunes.
+        latency: prune by measured latency instead of MACs (``+lat``): the target is the latency
+            reduction that the same recipe's FLOPs-targeted prune at ``budget`` measures (its
+            "twin", pruned and timed first), so the two rows compare at the same latency.
     """
 
     recipe: str
@@ -101,12 +110,14 @@ class Variant:
     distill: float = 0.0
     residual: float = 1.0  # PruneConfig.residual_scale
     steps: int = 1  # PruneConfig.steps: iterative pruning, each step recovered for 1/steps of the epochs
+    latency: bool = False
 
     @property
     def name(self) -> str:
         return (self.scorer + ("+reuse" if self.reuse else "") + ("+align" if self.align else "")
                 + ("+global" if self.scope == "global" else "") + ("+kd" if self.distill else "")
-                + (f"+res{self.residual:g}" if self.residual != 1 else "") + (f"+it{self.steps}" if self.steps > 1 else ""))
+                + (f"+res{self.residual:g}" if self.residual != 1 else "") + (f"+it{self.steps}" if self.steps > 1 else "")
+                + ("+lat" if self.latency else ""))
 
 
 def _set(recipe: str, scorers: tuple[str, ...], budgets: tuple[float, ...]) -> tuple[Variant, ...]:
@@ -118,7 +129,8 @@ def _set(recipe: str, scorers: tuple[str, ...], budgets: tuple[float, ...]) -> t
             steps = next((int(f[2:]) for f in flags if f.startswith("it")), 1)
             out.append(Variant(recipe, scorer, budget, reuse="reuse" in flags, align=1.0 if "align" in flags else 0.0,
                                scope="global" if "global" in flags else "local",
-                               distill=DISTILL if "kd" in flags else 0.0, residual=residual, steps=steps))
+                               distill=DISTILL if "kd" in flags else 0.0, residual=residual, steps=steps,
+                               latency="lat" in flags))
     return tuple(out)
 
 
@@ -131,7 +143,9 @@ ALL_SCORERS = ("l1", "random", "target_taylor", "classmean", "classmean+reuse", 
                # and distilled from the unpruned S->T model while it recovers (FinetuneConfig.distill)
                "target_taylor+kd+res0", "classmean+align+kd+res0",
                # iterative: the budget in 3 cuts, each recovered for a third of the epochs (PruneConfig.steps)
-               "classmean+reuse+align+res0+it3")
+               "classmean+reuse+align+res0+it3",
+               # by measured latency, at the latency its FLOPs-targeted twin reaches (PruneConfig.latency_reduction)
+               "classmean+reuse+align+res0+lat")
 # the core set: the two strongest graphprune recipes of the previous Flowers run (with and without the
 # residual streams pruned), Torch-Pruning group L1
 CORE_SCORERS = ("target_taylor", "classmean+align", "target_taylor+res0", "classmean+align+res0", "tp_l1")
@@ -367,12 +381,23 @@ def run_variant(task_name: str, task: Task, variant: Variant, seed: int, source:
                               # a class mean needs every class: classmean reads the whole training set
                               scoring_batches=None if variant.scorer == "classmean" else task.scoring_batches,
                               steps=variant.steps)
+    twin = None
+    if variant.latency:  # the FLOPs-targeted twin first: its measured latency reduction is this row's target
+        twin = copy.deepcopy(full)
+        R.prune_stage_(twin, data, prune, seed=seed, progress=False, placement=placement)
+        times = interleaved_ms({"full": full, "twin": twin}, data.example_inputs())
+        extra["latency_target"] = round(1 - times["twin"] / times["full"], 4)
+        prune = replace(prune, flops_reduction=None, latency_reduction=extra["latency_target"])
+        prune_start = time.perf_counter()
     target = replace(task.target, distill=variant.distill, epochs=task.target.epochs / variant.steps)
     steps, gmacs = full_budget["train_steps"], full_budget["train_gmacs"]
     for step in range(variant.steps):  # one cut, or PruneConfig.steps cuts each recovered for 1/steps of the epochs
         if not variant.scorer.startswith("tp_"):
-            R.prune_stage_(model, data, replace(prune, flops_reduction=prune.step_reductions()[step], steps=1),
-                           seed=seed, progress=False, placement=placement)
+            stage = prune if variant.steps == 1 else replace(prune, flops_reduction=prune.step_reductions()[step],
+                                                             steps=1)
+            pruned = R.prune_stage_(model, data, stage, seed=seed, progress=False, placement=placement)
+            record = pruned.details.get("latency") or {}
+            extra.update(latency_predicted=record.get("predicted"), latency_measured=record.get("measured"))
         extra["prune_s"] = extra.get("prune_s", 0.0) + round(time.perf_counter() - prune_start, 1)
         if variant.align and "means" not in means:  # after the first cut, as in one-shot rows (the loaders' order)
             means["means"] = R.stages.full_model_class_means(full, data, progress=False)
@@ -383,8 +408,24 @@ def run_variant(task_name: str, task: Task, variant: Variant, seed: int, source:
         steps, gmacs = steps + record.steps, gmacs + record.steps * task.batch_size * record.macs / 1e9
         prune_start = time.perf_counter()
     budget = {"train_steps": steps, "train_gmacs": round(gmacs, 1)}
+    times = interleaved_ms({"full": full, "model": model, **({"twin": twin} if twin is not None else {})},
+                           data.example_inputs())
+    extra.update(latency_ms=round(times["model"], 3), base_latency_ms=round(times["full"], 3),
+                 twin_latency_ms=round(times["twin"], 3) if twin is not None else None, load1=round(os.getloadavg()[0], 2))
     return _row(task_name, task, variant, "S->TP->T", seed, model, data, test, base_macs, started, placement,
-                **extra, **budget)
+                **{k: v for k, v in extra.items() if v is not None}, **budget)
+
+
+def interleaved_ms(models: dict[str, nn.Module], example) -> dict[str, float]:
+    """Median batch-1 latency (ms, this process's threads) of each model, timed in ``LATENCY_ROUNDS``
+    interleaved rounds (the order rotated each round) so that a load change moves them all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for number in range(LATENCY_ROUNDS):
+        for name in names[number % len(names):] + names[:number % len(names)]:
+            stats = measure_latency(models[name], example, warmup=2, repeats=LATENCY_REPEATS)
+            samples[name].extend(stats.samples_ms)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def append_row(path: Path, row: dict) -> None:

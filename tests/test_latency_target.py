@@ -178,6 +178,21 @@ def test_building_the_model_times_each_shape_once() -> None:
     assert timer.calls == first  # the same table: every lookup a hit
 
 
+def test_a_conv_padding_in_its_own_forward_is_timed_at_the_padded_size() -> None:
+    """timm's Conv2dSame pads inside forward (padding=0 on the module): timing it on the unpadded
+    input would model the wrong cost, and a 5x5 kernel on a 4x4 map cannot run at all."""
+    from timm.layers import Conv2dSame
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), Conv2dSame(16, 16, 5, stride=2, groups=16),
+                        nn.ReLU(), nn.Conv2d(16, 8, 1))
+    x = torch.randn(1, 3, 4, 4)
+    graph = gp.trace(net, x)
+    lm = LatencyModel(net, graph, x, LatencyTable(path=False, threads=1))  # the real timer: it must run
+    spec = next(layer.spec for layer in lm.layers if layer.name == "2")
+    assert spec.spatial == (7, 7) and spec.padding == (0, 0) and net[2](torch.randn(1, 16, 4, 4)).shape[-1] == 2
+    assert lm.predict_ms() > 0
+
+
 # ---------------------------------------------------------------- selection under a budget
 
 
@@ -244,6 +259,41 @@ def test_plan_for_latency_records_every_try() -> None:
     assert record.reached == (abs(record.measured - 0.3) <= 0.5)
     assert (record.predicted, record.measured) in [(p, m) for _, p, m in record.steps]
     assert plan.removed and net[0].out_features == 512  # the model itself is untouched
+
+
+def test_refresh_retimes_cached_entries_once(tmp_path) -> None:
+    spec, path = OpSpec("linear", 64, 32, batch=1), tmp_path / "latency.json"
+    first = LatencyTable(path, threads=1, timer=lambda s, t: 1000.0)
+    first.latency_ms(spec)
+    first.save()
+    cached = LatencyTable(path, threads=1, timer=lambda s, t: 1.0)
+    assert cached.latency_ms(spec) == 1000.0 and (cached.hits, cached.timed) == (1, 0)
+    fresh = LatencyTable(path, threads=1, timer=lambda s, t: 1.0, refresh=True)
+    assert [fresh.latency_ms(spec), fresh.latency_ms(spec)] == [1.0, 1.0] and (fresh.hits, fresh.timed) == (0, 1)
+    fresh.save()
+    assert LatencyTable(path, threads=1).latency_ms(spec) == 1.0  # the new timing replaced the stale one
+
+
+def test_stale_cached_timings_are_retimed(tmp_path) -> None:
+    """A cache recorded under another load (here: every op 1000 ms) would steer the selection by
+    timings this machine does not reproduce; the modelled layers then exceed the whole measured
+    model, and the table is timed again. A cache that agrees with the machine is trusted."""
+    net = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    x = torch.randn(64, 256)
+    groups = gp.find_groups(gp.trace(net, x))
+    scores = gp.get_scorer("l1")(groups, net)
+    config = LatencyConfig(cache=tmp_path / "latency.json", threads=1, max_steps=1, repeats=5, tolerance=0.9)
+
+    def run(**options):
+        return plan_for_latency(net, groups, scores, [(x,)], 0.3, latency=LatencyConfig(**{**config.__dict__,
+                                                                                           **options}))[1]
+
+    stale = run(timer=lambda spec, threads: 1000.0)
+    assert stale.timings > 0 and stale.modelled_ms > 100 * stale.base_ms  # the fake's table, written to the file
+    retimed = run()
+    assert retimed.timings > 0 and retimed.modelled_ms < 100 * retimed.base_ms
+    trusted = run()
+    assert trusted.timings == 0 and trusted.modelled_ms == retimed.modelled_ms
 
 
 @pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, float("nan"), True, "0.3"])

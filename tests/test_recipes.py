@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,10 +66,39 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     lambda: R.PruneConfig(scorer="nope"),
     lambda: R.PruneConfig(scorer="taylor", scorer_options={"data": []}),
     lambda: R.PruneConfig(scope="everywhere"),
-], ids=["tau<0", "mode", "epochs<0", "lr=0", "two-budgets", "reduction=1", "scorer", "owned-option", "scope"])
+    lambda: R.PruneConfig(flops_reduction=0.3, latency_reduction=0.3),
+    lambda: R.PruneConfig(latency_reduction=1.0),
+    lambda: R.PruneConfig(latency_reduction=0.3, granularity="kernel"),
+    lambda: R.PruneConfig(latency_reduction=0.3, steps=2),
+    lambda: R.PruneConfig(latency_reduction=0.3, latency_batch_size=0),
+], ids=["tau<0", "mode", "epochs<0", "lr=0", "two-budgets", "reduction=1", "scorer", "owned-option", "scope",
+        "flops-and-latency", "latency=1", "latency-kernel", "latency-steps", "latency-batch"])
 def test_bad_config_raises(build):
     with pytest.raises(gp.InvalidArgumentError):
         build()
+
+
+def test_prune_config_budget_defaults_to_flops_and_takes_one_alone():
+    assert R.PruneConfig().budget() == {"flops_reduction": 0.3}
+    assert R.PruneConfig(ratio=0.2).budget() == {"ratio": 0.2}  # no flops_reduction=None needed
+    assert R.PruneConfig(latency_reduction=0.25).budget() == {"latency_reduction": 0.25}
+    recorded = R.TransferConfig(prune=R.PruneConfig(latency_reduction=0.25)).to_dict()["prune"]
+    assert (recorded["latency_reduction"], recorded["flops_reduction"]) == (0.25, None)
+
+
+def test_prune_stage_to_a_measured_latency_reduction(tmp_path, monkeypatch):
+    """The recipe's prune stage passes the latency target to the engine and records predicted vs measured."""
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=2).eval()
+    before = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a loaded machine may miss the 2 points
+        record = R.prune_stage_(model, _synthetic(), R.PruneConfig(latency_reduction=0.3), progress=False)
+    latency = record.details["latency"]
+    assert record.details["target_latency_reduction"] == 0.3 and latency["target"] == 0.3
+    assert latency["measured"] > 0.05 and latency["batch_size"] == 1 and latency["steps"]
+    assert sum(p.numel() for p in model.parameters()) < before and (tmp_path / "latency.json").is_file()
 
 
 def _image_tree(root: Path, splits: dict[str, list[str]]) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,22 @@ def test_transfer_force_replaces_a_foreign_output(tmp_path, capsys):
     assert cli.main(argv) == 0
     assert not (out / "notes.txt").exists() and (out / "model").is_dir()
     assert "test_accuracy" not in json.loads((out / "metrics.json").read_text())  # no test split: not reported
+
+
+def test_transfer_prunes_to_a_measured_latency_reduction(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path / "cache"))
+    data, out = _tree(tmp_path / "data"), tmp_path / "out"
+    argv = [a for a in _argv(data, out) if a not in ("--ratio", "0.3")] + ["--latency-reduction", "0.3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a loaded machine may miss the 2 points
+        assert cli.main(argv) == 0
+    stages = {s["name"]: s for s in json.loads((out / "metrics.json").read_text())["stages"]}
+    latency = stages["prune"]["details"]["latency"]
+    assert latency["target"] == 0.3 and latency["steps"] and stages["prune"]["macs"] < stages["source"]["macs"]
+    both = _argv(data, tmp_path / "both") + ["--latency-reduction", "0.3"]
+    capsys.readouterr()
+    assert cli.main(both) == 2  # one budget flag at most
+    assert "not allowed with argument --ratio" in capsys.readouterr().err
+    tailor = [a for a in _argv(data, tmp_path / "tt") if a not in ("--ratio", "0.3")]
+    assert cli.main(tailor + ["--recipe", "transtailor", "--latency-reduction", "0.3"]) == 2
+    assert "--latency-reduction" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -281,23 +282,48 @@ _MODELLED = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm
 
 def _layer_inputs(model: nn.Module, example_inputs) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """``(name, module, input shape)`` of every conv2d, linear and norm module the forward calls
-    (first call each), in call order; hooks removed and modes restored afterwards."""
+    (first call each), in call order; hooks removed and modes restored afterwards. A conv that pads
+    inside its own forward (timm's ``Conv2dSame``) gets the padded input shape."""
     seen: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
     handles = []
 
     def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
             if name not in seen and args and isinstance(args[0], torch.Tensor):
-                seen[name] = (module, tuple(args[0].shape))
+                shape = tuple(args[0].shape)
+                if isinstance(module, nn.Conv2d) and isinstance(output, torch.Tensor):
+                    shape = _padded_input(module, shape, tuple(output.shape))
+                seen[name] = (module, shape)
         return record
 
     try:
         for name, module in model.named_modules():
             if isinstance(module, _MODELLED) and getattr(module, "weight", None) is not None:
-                handles.append(module.register_forward_pre_hook(hook(name)))
+                handles.append(module.register_forward_hook(hook(name)))
         with eval_mode(model), torch.inference_mode():
             model(*as_input_tuple(example_inputs))
     finally:
         for handle in handles:
             handle.remove()
     return [(name, module, shape) for name, (module, shape) in seen.items()]
+
+
+def _padded_input(conv: nn.Conv2d, shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The input shape the conv's own padding must see to give ``out_shape``: ``shape`` itself
+    unless the module pads in its forward (then the padding it added is folded into the shape).
+
+    Example:
+        >>> conv = nn.Conv2d(3, 3, 5, stride=2)  # padding 0: a 'same' conv padding inside its forward
+        >>> _padded_input(conv, (1, 3, 4, 4), (1, 3, 2, 2))
+        (1, 3, 7, 7)
+        >>> _padded_input(nn.Conv2d(3, 3, 3, padding=1), (1, 3, 4, 4), (1, 3, 4, 4))
+        (1, 3, 4, 4)
+    """
+    if isinstance(conv.padding, str) or len(shape) != 4 or len(out_shape) != 4:
+        return shape
+    spatial = list(shape[2:])
+    for i, (size, out) in enumerate(zip(shape[2:], out_shape[2:])):
+        k, s, d, p = conv.kernel_size[i], conv.stride[i], conv.dilation[i], conv.padding[i]
+        if (size + 2 * p - d * (k - 1) - 1) // s + 1 != out:
+            spatial[i] = max(size, (out - 1) * s + d * (k - 1) + 1 - 2 * p)
+    return (*shape[:2], *spatial)

@@ -36,6 +36,8 @@ from .predict import LatencyModel
 from .table import LatencyTable
 
 _ROUNDS = 3  # alternating rounds of the model and a trial per measured try
+# cached timings are retimed when the layers they model add up to more than this share of the measured model
+_STALE_SHARE = 1.2
 
 __all__ = ["plan_for_latency", "select_for_latency"]
 
@@ -270,6 +272,13 @@ def plan_for_latency(model: nn.Module, groups: Groups, scores: Mapping[int, torc
 
     base_ms = measure(model, latency.repeats)
     modelled = lm.predict_ms()
+    if table.hits and modelled > _STALE_SHARE * base_ms:
+        # the cached timings of the modelled layers alone exceed the whole model measured now: they were
+        # recorded under another load (or machine); time this model's ops again
+        table = LatencyTable(latency.cache, threads=threads, timer=latency.timer, refresh=True)
+        lm = LatencyModel(model, groups.graph, example, table, batch_size=latency.batch_size,
+                          width_step=latency.width_step, grid_points=latency.grid_points)
+        modelled = lm.predict_ms()
     steps: list[tuple[float, float, float]] = []
     tries: list[tuple[float, Plan, float, float, float]] = []  # (|error|, plan, predicted, base ms, pruned ms)
     low, high = (0.0, 0.0), (1.0, 1.0)  # (budget, measured) bracketing the target

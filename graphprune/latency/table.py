@@ -161,9 +161,13 @@ class LatencyTable:
         threads: Intra-op threads the timings are for (``None``: ``torch.get_num_threads()``).
         timer: ``(spec, threads) -> ms``; :func:`time_op` by default (tests pass a fake).
         min_run_time: Seconds per timing given to the default timer.
+        refresh: Time every op again on first use instead of trusting the file's entry (the new
+            timing replaces it): for a cache recorded under another load, or on another machine
+            under the same device name.
 
     Attributes:
-        timed: How many timings this table ran (cache hits run none).
+        timed: How many timings this table ran.
+        hits: How many lookups the cache file answered (0 with ``refresh``).
 
     Example:
         >>> table = LatencyTable(path=False, threads=1, timer=lambda spec, threads: 1e-3 * spec.in_width)
@@ -174,14 +178,16 @@ class LatencyTable:
     """
 
     def __init__(self, path: str | os.PathLike | bool | None = None, *, threads: int | None = None,
-                 timer: Callable[[OpSpec, int], float] | None = None, min_run_time: float = 0.01):
+                 timer: Callable[[OpSpec, int], float] | None = None, min_run_time: float = 0.01,
+                 refresh: bool = False):
         self.path = None if path is False else Path(default_cache_path() if path in (None, True) else path)
         self.threads = torch.get_num_threads() if threads is None else int(threads)
         if self.threads < 1:
             raise InvalidArgumentError(f"threads must be >= 1, got {threads!r}")
         self.timer = timer or (lambda spec, threads: time_op(spec, threads, min_run_time))
-        self.timed = 0
+        self.timed, self.hits, self.refresh = 0, 0, bool(refresh)
         self._entries: dict[str, float] = self._read()
+        self._fresh: set[str] = set()  # keys timed by this table
         self._dirty = False
 
     def _read(self) -> dict[str, float]:
@@ -203,11 +209,14 @@ class LatencyTable:
         """Median milliseconds of one call of ``spec``, timed on first use."""
         key = self.key(spec)
         found = self._entries.get(key)
-        if found is None:
+        if found is None or (self.refresh and key not in self._fresh):
             found = float(self.timer(spec, self.threads))
             self.timed += 1
             self._entries[key] = found
+            self._fresh.add(key)
             self._dirty = True
+        elif key not in self._fresh:
+            self.hits += 1
         return found
 
     def save(self) -> None:

@@ -66,6 +66,8 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
     budget.add_argument("--flops-reduction", type=float, default=None, metavar="F",
                         help="fraction of MACs to remove (default 0.3)")
     budget.add_argument("--ratio", type=float, default=None, metavar="R", help="fraction of channels to remove")
+    budget.add_argument("--latency-reduction", type=float, default=None, metavar="L",
+                        help="fraction of the batch-1 latency measured on this machine to remove (channels, one cut)")
     parser.add_argument("--scorer", default="l1", help="pruning scorer (default l1; kernel and unstructured: "
                         "l1 = weight magnitude, or random)")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="channel",
@@ -99,16 +101,16 @@ def add_transfer(subparsers, common: argparse.ArgumentParser) -> None:
 def _configs(args: argparse.Namespace):
     from . import config as C
 
-    budget = ({"ratio": args.ratio, "flops_reduction": None} if args.ratio is not None
-              else {"flops_reduction": 0.3 if args.flops_reduction is None else args.flops_reduction})
+    budget = {"ratio": args.ratio, "flops_reduction": args.flops_reduction, "latency_reduction": args.latency_reduction}
     out = Path(args.output)
     run = C.RunConfig(checkpoint_dir=str(out / CHECKPOINTS), seed=args.seed, progress=not args.quiet,
                       device=args.device, precision=args.precision)
     source = C.FinetuneConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer)
     target = C.FinetuneConfig(epochs=args.target_epochs, lr=args.lr, optimizer=args.optimizer)
     if args.recipe == "transtailor":
-        if args.ratio is not None:
-            raise InvalidArgumentError("--recipe transtailor searches its own budget; --ratio does not apply")
+        if args.ratio is not None or args.latency_reduction is not None:
+            raise InvalidArgumentError("--recipe transtailor searches its own FLOPs budget; --ratio and "
+                                       "--latency-reduction do not apply")
         return C.TransTailorConfig(source=source, finetune=target, run=run, head_init=args.head_init)
     if args.granularity != "channel" and args.recipe not in ("s_tp_t", "sp_t"):
         raise InvalidArgumentError(f"--granularity {args.granularity} applies to --recipe s_tp_t or sp_t, "

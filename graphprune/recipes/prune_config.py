@@ -28,8 +28,14 @@ class PruneConfig:
             ``classmean``) get the training loader as ``data=`` from the recipe.
         scorer_options: extra JSON-valued keyword arguments for the scorer (e.g.
             ``{"epochs": 1}`` for ``target_taylor``); ``data`` and ``progress`` are the recipe's.
-        ratio: fraction of channels to remove; give exactly one of ``ratio`` and ``flops_reduction``.
+        ratio: fraction of channels to remove; give at most one of ``ratio``, ``flops_reduction``
+            and ``latency_reduction`` (none: ``flops_reduction=0.3``).
         flops_reduction: fraction of MACs to remove, verified with fvcore (the usual budget).
+        latency_reduction: fraction of the measured latency to remove on this machine
+            (``gp.prune(latency_reduction=...)``: per-layer latency table, then measured end to end
+            until within 2 points); channel granularity, one step. The stage's record holds the
+            predicted and measured reduction (``details["latency"]``).
+        latency_batch_size: the batch size that latency is modelled and measured at.
         scope: ``"local"`` (same fraction per group) or ``"global"`` (one ranking; pair it with a
             scorer whose scores are comparable across layers, such as ``target_taylor``).
         max_group_ratio: cap per group for a global ranking, so no layer is stripped bare.
@@ -89,7 +95,9 @@ class PruneConfig:
     scorer: str = "l1"
     scorer_options: Mapping[str, Any] = field(default_factory=dict)
     ratio: float | None = None
-    flops_reduction: float | None = 0.3
+    flops_reduction: float | None = None  # None with no other budget: 0.3 (set in __post_init__)
+    latency_reduction: float | None = None
+    latency_batch_size: int = 1
     scope: str = "local"
     max_group_ratio: float | None = None
     residual_scale: float = 0.0
@@ -116,13 +124,7 @@ class PruneConfig:
             raise InvalidArgumentError(f"granularity={self.granularity!r} prunes to a FLOPs budget: give "
                                        "flops_reduction=, not ratio= (a fraction of channels has no meaning for "
                                        "kernels or single weights)")
-        if (self.ratio is None) == (self.flops_reduction is None):
-            raise InvalidArgumentError("PruneConfig needs exactly one of ratio= and flops_reduction=")
-        if self.ratio is not None:
-            number_in("PruneConfig.ratio", self.ratio, low=0.0, high=1.0, high_open=True)
-        else:
-            number_in("PruneConfig.flops_reduction", self.flops_reduction, low=0.0, high=1.0, low_open=True,
-                    high_open=True)
+        self._check_budget()
         self.plan_config()  # checks scope, max_group_ratio and residual_scale
         optional_positive_int("PruneConfig.scoring_batches", self.scoring_batches)
         number_in("PruneConfig.alignment_weight", self.alignment_weight, low=0.0)
@@ -139,6 +141,40 @@ class PruneConfig:
             raise InvalidArgumentError("PruneConfig.steps > 1 prunes channels to a FLOPs budget in steps: it needs "
                                        "granularity='channel' and flops_reduction=")
 
+    def _check_budget(self) -> None:
+        given = [name for name in ("ratio", "flops_reduction", "latency_reduction") if getattr(self, name) is not None]
+        if not given:
+            object.__setattr__(self, "flops_reduction", 0.3)  # the default budget
+            given = ["flops_reduction"]
+        if len(given) > 1:
+            raise InvalidArgumentError(f"PruneConfig takes exactly one of ratio=, flops_reduction= and "
+                                       f"latency_reduction=, got {' and '.join(given)}")
+        if self.ratio is not None:
+            number_in("PruneConfig.ratio", self.ratio, low=0.0, high=1.0, high_open=True)
+        elif self.flops_reduction is not None:
+            number_in("PruneConfig.flops_reduction", self.flops_reduction, low=0.0, high=1.0, low_open=True,
+                      high_open=True)
+        else:
+            number_in("PruneConfig.latency_reduction", self.latency_reduction, low=0.0, high=1.0, low_open=True,
+                      high_open=True)
+            if self.granularity != "channel" or self.steps != 1:
+                raise InvalidArgumentError("PruneConfig.latency_reduction removes channels in one cut: it needs "
+                                           f"granularity='channel' and steps=1, got {self.granularity!r}, "
+                                           f"steps={self.steps!r}")
+        size = self.latency_batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise InvalidArgumentError(f"PruneConfig.latency_batch_size must be a positive int, got {size!r}")
+
+    def budget(self) -> dict[str, float]:
+        """The engine's budget keyword for this stage: ``ratio``, ``flops_reduction`` or ``latency_reduction``.
+
+        Example:
+            >>> PruneConfig().budget(), PruneConfig(latency_reduction=0.2).budget()
+            ({'flops_reduction': 0.3}, {'latency_reduction': 0.2})
+        """
+        name = next(n for n in ("ratio", "flops_reduction", "latency_reduction") if getattr(self, n) is not None)
+        return {name: getattr(self, name)}
+
     def step_reductions(self) -> tuple[float, ...]:
         """Each step's ``flops_reduction`` of the model it starts from, so step ``i`` ends at ``i / steps``
         of the budget measured on the unpruned model.
@@ -151,8 +187,8 @@ class PruneConfig:
         """
         budget = self.flops_reduction
         if budget is None:
-            raise InvalidArgumentError("PruneConfig.step_reductions() splits a FLOPs budget; this config prunes "
-                                       "by ratio=")
+            raise InvalidArgumentError(f"PruneConfig.step_reductions() splits a FLOPs budget; this config prunes "
+                                       f"by {next(iter(self.budget()))}=")
         if self.steps == 1:
             return (budget,)
         ends = [budget * i / self.steps for i in range(self.steps + 1)]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from ..api import prune_
 from ..history import plan_texts, record_plan
+from ..latency.config import LatencyConfig
 from ..groups import classifier_names
 from ..plan import Plan
 from ..removal import apply_plan_
@@ -56,10 +57,10 @@ def scorer_options(config: PruneConfig, data: Iterable, *, seed: int, progress: 
 
 def _prune_on_main(model: nn.Module, data: TransferData, config: PruneConfig, seed: int, progress: bool) -> str:
     example = data.example_inputs()
-    target = {"ratio": config.ratio} if config.ratio is not None else {"flops_reduction": config.flops_reduction}
-    prune_(model, example, **target, scorer=config.scorer,
+    latency = (LatencyConfig(batch_size=config.latency_batch_size) if config.latency_reduction is not None else None)
+    prune_(model, example, **config.budget(), scorer=config.scorer,
            scorer_options=scorer_options(config, data.train, seed=seed, progress=progress),
-           ignore=classifier_names(model), config=config.plan_config())
+           ignore=classifier_names(model), config=config.plan_config(), latency_config=latency)
     return plan_texts(model)[-1]
 
 
@@ -117,6 +118,9 @@ def prune_stage_(model: nn.Module, data: TransferData, config: PruneConfig, *, n
                "target_flops_reduction": config.flops_reduction,
                "flops_reduction": 1.0 - record.macs / before if before else 0.0,
                "recalibrated_norms": recalibrated, "recalibration": config.recalibration}
+    if config.latency_reduction is not None:  # predicted vs measured (rank 0 measured; the others applied its plan)
+        details.update(target_latency_reduction=config.latency_reduction,
+                       latency=getattr(model, "graphprune_latency", None))
     if sparse_details is not None:  # flops_reduction: of the effective (nonzero-weight) MACs
         details = {**details, **sparse_details}
     return StageRecord(**{**record.__dict__, "details": details})
