@@ -105,6 +105,9 @@ class TraceGraph:
             says nothing about them, so removal leaves them unchanged (and
             :func:`graphprune.prune` refuses unless ``ignore`` names them).
         fingerprint: :func:`model_fingerprint` of the traced model; plans record it.
+        forward: ``"meta"`` when the traced forward ran on meta copies of the weights and inputs
+            (shapes without compute), ``"real"`` when it ran on the real tensors (a forward whose
+            ops need values, see :mod:`graphprune.verify_meta`).
     """
 
     graph: nx.DiGraph
@@ -122,6 +125,7 @@ class TraceGraph:
     outputs: tuple[TracedOutput, ...] = ()
     untraced: tuple[str, ...] = ()
     fingerprint: str = ""
+    forward: str = "real"
 
     def estimate_macs(self, removed_classes: np.ndarray | None = None) -> int:
         """Multiply-adds of the traced products (conv, linear, matmul, attention) after removal.

@@ -10,11 +10,18 @@ with the actual parameter objects as arguments. The price is that one trace desc
 the path taken for these inputs; that is the path pruning must keep consistent. Several
 example inputs run one after another into the same element store, so the graph is the
 union of the paths they take; parameters none of them used are listed as ``untraced``.
+
+The forward runs on meta copies of the weights and inputs first (``torch.func.functional_call``:
+every op checks shapes, none computes), so tracing costs the graph's size, not its FLOPs; where
+a meta run cannot stand for the real one (an op needs values: ``.item()``, ``nonzero``, an integer
+index or token ids; a tensor kept outside the parameters and buffers) the real forward is traced
+instead. :attr:`TraceGraph.forward` says which ran.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import types
@@ -294,7 +301,7 @@ def state_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
+def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, meta: bool = True) -> TraceGraph:
     """Run ``model`` in eval mode on each example input and build its channel dependency graph.
 
     Args:
@@ -303,10 +310,12 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
             trace each (the graph is the union of the paths they take: give one per branch
             of a forward that branches on the data); ``None`` uses one image of the timm
             model's ``pretrained_cfg["input_size"]``.
+        meta: run the forward on meta copies first (see the module docstring); ``False``
+            traces the real forward only.
 
     Returns:
         The :class:`~graphprune.graph.TraceGraph`; its ``untraced`` names the parameters no
-        example input reached.
+        example input reached, its ``forward`` whether the meta or the real forward was traced.
 
     Raises:
         UnsupportedModelError: if the forward pass fails on an example input.
@@ -320,10 +329,45 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
         (0, 'torch.nn.functional.conv2d')
         >>> graph.untraced, len(gp.trace(net, [torch.randn(1, 3, 16, 16), torch.randn(2, 3, 8, 8)]).outputs)
         ((), 2)
+        >>> graph.forward, gp.trace(net, torch.randn(1, 3, 16, 16), meta=False).forward
+        ('meta', 'real')
     """
     examples = as_examples(model, example_inputs)
+    if meta and not any(t.is_meta for t in model.parameters()):
+        graph = _trace_on_meta(model, examples)
+        if graph is not None:
+            return graph
+    return _trace(model, examples, None)
+
+
+def _trace_on_meta(model: nn.Module, examples: list[tuple[Any, ...]]) -> TraceGraph | None:
+    """The trace of a forward on meta copies of the weights and inputs (shapes without compute), or
+    ``None`` where a meta run cannot stand for the real one (see :mod:`graphprune.verify_meta`:
+    an error, an op receiving integer tensors, whose values a meta tensor lacks)."""
+    from .verify_meta import ValueReads, attributes_restored, meta_copy, meta_state, meta_unsuitable
+
+    if meta_unsuitable(model) is not None:
+        return None
+    reads = ValueReads()
+    try:
+        state = meta_state(model)
+        meta_examples = [meta_copy(args) for args in examples]
+        if any(not t.is_floating_point() for args in meta_examples for t in flat_tensors(args)):
+            return None
+        with attributes_restored(model):
+            graph = _trace(model, meta_examples, state, reads)
+    except Exception:  # the real trace decides, and reports the model's own failure
+        return None
+    return None if reads.first is not None else dataclasses.replace(graph, forward="meta")
+
+
+def _trace(model: nn.Module, examples: list[tuple[Any, ...]], state: dict[str, torch.Tensor] | None,
+           watch: TorchFunctionMode | None = None) -> TraceGraph:
+    """One traced forward per example; ``state``: tensors standing in for the model's (meta copies);
+    ``watch``: a mode that sees the forward's calls (not the recorder's own)."""
     store = ElementStore()
-    ctx = Context(store, state_names(model))
+    names = state_names(model) if state is None else {id(t): n for n, t in reversed(list(state.items()))}
+    ctx = Context(store, names)
     stack = [""]
     recorder = _Recorder(ctx, stack)
     recorder.modules = dict(model.named_modules())
@@ -333,8 +377,9 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> TraceGraph:
         for number, args in enumerate(examples, start=1):
             try:
                 calls = recorder.data_sized_calls
-                with recorder:
-                    outs.append(model(*args))
+                with recorder, (watch or contextlib.nullcontext()):
+                    outs.append(model(*args) if state is None else
+                                torch.func.functional_call(model, state, args, tie_weights=True))
                 data_sized.append(recorder.data_sized_calls > calls)
             except Exception as error:  # the model's own failure, reported with its cause
                 which = f" on example input {number} of {len(examples)}" if len(examples) > 1 else ""

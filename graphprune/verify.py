@@ -28,8 +28,10 @@ from .plan import Plan, make_plan
 from .removal import apply_unguarded_, restore_on_error
 from .rules.context import flat_tensors
 from .tracer import preserved_state
+from .verify_meta import meta_outputs
 
 Examples = tuple[Any, ...] | list[tuple[Any, ...]]  # one call's positional arguments, or several calls'
+VERIFICATION_ATTR = "graphprune_verification"  # how the applied plan was verified: "meta" or "real"
 
 
 def as_example_list(args: Examples) -> list[tuple[Any, ...]]:
@@ -99,9 +101,15 @@ def _compare(traced: TracedOutput, out: Any) -> str | None:
     return None
 
 
-def check_outputs(model: nn.Module, examples: Examples, expected: tuple[TracedOutput, ...]) -> str | None:
+def check_outputs(model: nn.Module, examples: Examples, expected: tuple[TracedOutput, ...], *,
+                  modes: list[str] | None = None) -> str | None:
     """Run ``model`` (eval mode, no grad, left as found) on each example; None if every output
     matches the traced one, else what went wrong (on which example).
+
+    Each example runs on the meta device first (:func:`graphprune.verify_meta.meta_outputs`:
+    shapes without compute); only when that cannot confirm the model (an error, an op reading
+    integer tensors, a mismatch) does the real forward run and decide. ``modes``, if given,
+    gets ``"meta"`` or ``"real"`` for each example checked.
 
     Example:
         >>> import torch, graphprune as gp
@@ -116,6 +124,13 @@ def check_outputs(model: nn.Module, examples: Examples, expected: tuple[TracedOu
         raise InvalidArgumentError(f"{len(examples)} example inputs to verify, but the trace ran {len(expected)}")
     for number, (args, traced) in enumerate(zip(examples, expected), start=1):
         where = f" (example input {number} of {len(examples)})" if len(examples) > 1 else ""
+        out = meta_outputs(model, args)
+        if out is not None and _compare(traced, out) is None:
+            if modes is not None:
+                modes.append("meta")
+            continue
+        if modes is not None:
+            modes.append("real")
         try:
             with preserved_state(model), torch.no_grad():
                 model.eval()
@@ -143,7 +158,9 @@ def apply_verified_(model: nn.Module, groups: Groups, plan: Plan, args: Examples
             example input the graph was traced on.
 
     Returns:
-        The plan actually applied, and ``{group_id: error}`` for the groups left unpruned.
+        The plan actually applied, and ``{group_id: error}`` for the groups left unpruned. The
+        model's ``graphprune_verification`` says how the applied plan was checked: ``"meta"``
+        (shapes on the meta device) or ``"real"`` (a real forward was needed).
 
     Raises:
         PruneError: if no group can be removed without breaking the model (with the full
@@ -158,8 +175,10 @@ def apply_verified_(model: nn.Module, groups: Groups, plan: Plan, args: Examples
         (6, {})
     """
     expected = groups.graph.outputs
-    error = _try_apply(model, plan, args, expected, keep=True)
+    modes: list[str] = []
+    error = _try_apply(model, plan, args, expected, keep=True, modes=modes)
     if error is None:
+        _note_verification(model, modes)
         return plan, {}
     accepted: dict[int, tuple[int, ...]] = {}
     failing: dict[int, str] = {}
@@ -169,7 +188,9 @@ def apply_verified_(model: nn.Module, groups: Groups, plan: Plan, args: Examples
         _bisect(model, groups, plan, args, ids[len(ids) // 2:], accepted, failing)
     if accepted:
         kept = make_plan(groups, removed=accepted)
-        if _try_apply(model, kept, args, expected, keep=True) is None:
+        modes.clear()
+        if _try_apply(model, kept, args, expected, keep=True, modes=modes) is None:
+            _note_verification(model, modes)
             return kept, failing
     raise PruneError(f"the pruned model does not run ({error}); the model was left unchanged")
 
@@ -188,12 +209,19 @@ def _bisect(model: nn.Module, groups: Groups, plan: Plan, args: Examples, ids: l
         _bisect(model, groups, plan, args, ids[len(ids) // 2:], accepted, failing)
 
 
-def _try_apply(model: nn.Module, plan: Plan, args: Examples, expected, *, keep: bool) -> str | None:
+def _note_verification(model: nn.Module, modes: list[str]) -> None:
+    """``model.graphprune_verification``: ``"meta"`` if every example was confirmed on the meta
+    device, else ``"real"`` (at least one needed the real forward)."""
+    setattr(model, VERIFICATION_ATTR, "meta" if modes and all(m == "meta" for m in modes) else "real")
+
+
+def _try_apply(model: nn.Module, plan: Plan, args: Examples, expected, *, keep: bool,
+               modes: list[str] | None = None) -> str | None:
     """Apply ``plan``; undo it if the model then fails (or always, unless ``keep``). Returns the failure."""
     try:
         with restore_on_error(model):
             apply_unguarded_(model, plan)
-            error = check_outputs(model, args, expected)
+            error = check_outputs(model, args, expected, modes=modes)
             if error is not None or not keep:
                 raise _Undo(error)
     except _Undo as undo:

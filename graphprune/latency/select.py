@@ -37,7 +37,7 @@ from .table import LatencyTable
 
 _ROUNDS = 3  # alternating rounds of the model and a trial per measured try
 # cached timings are retimed when the layers they model add up to more than this share of the measured model
-_STALE_SHARE = 1.2
+_STALE_SHARE = 1.5
 
 __all__ = ["plan_for_latency", "select_for_latency"]
 
@@ -216,6 +216,21 @@ def _next_budget(target: float, budget: float, measured: float, low: tuple[float
     return budget, low, high
 
 
+def _latency_model(model: nn.Module, groups: Groups, example: tuple, latency: LatencyConfig, threads: int,
+                   base_ms: float) -> tuple[LatencyTable, LatencyModel]:
+    """The table and the layer model; cached timings are timed again when the modelled layers alone
+    exceed ``_STALE_SHARE`` of the whole model measured now (recorded under another load or machine)."""
+    def build(refresh: bool) -> tuple[LatencyTable, LatencyModel]:
+        table = LatencyTable(latency.cache, threads=threads, timer=latency.timer, refresh=refresh)
+        return table, LatencyModel(model, groups.graph, example, table, batch_size=latency.batch_size,
+                                   width_step=latency.width_step, grid_points=latency.grid_points)
+
+    table, lm = build(refresh=False)
+    if table.hits and lm.predict_ms() > _STALE_SHARE * base_ms:
+        table, lm = build(refresh=True)
+    return table, lm
+
+
 def plan_for_latency(model: nn.Module, groups: Groups, scores: Mapping[int, torch.Tensor], args: list,
                      latency_reduction: float, config: PlanConfig | None = None,
                      latency: LatencyConfig | None = None) -> tuple[Plan, LatencyRecord]:
@@ -252,9 +267,6 @@ def plan_for_latency(model: nn.Module, groups: Groups, scores: Mapping[int, torc
     latency = latency or LatencyConfig()
     threads = latency.threads or torch.get_num_threads()
     example = tuple(args[0])
-    table = LatencyTable(latency.cache, threads=threads, timer=latency.timer)
-    lm = LatencyModel(model, groups.graph, example, table, batch_size=latency.batch_size,
-                      width_step=latency.width_step, grid_points=latency.grid_points)
 
     def measure(net: nn.Module, repeats: int) -> float:
         return measure_latency(net, example, batch_size=latency.batch_size, threads=threads,
@@ -271,14 +283,8 @@ def plan_for_latency(model: nn.Module, groups: Groups, scores: Mapping[int, torc
         return float(np.median(base)), float(np.median(pruned))
 
     base_ms = measure(model, latency.repeats)
+    table, lm = _latency_model(model, groups, example, latency, threads, base_ms)
     modelled = lm.predict_ms()
-    if table.hits and modelled > _STALE_SHARE * base_ms:
-        # the cached timings of the modelled layers alone exceed the whole model measured now: they were
-        # recorded under another load (or machine); time this model's ops again
-        table = LatencyTable(latency.cache, threads=threads, timer=latency.timer, refresh=True)
-        lm = LatencyModel(model, groups.graph, example, table, batch_size=latency.batch_size,
-                          width_step=latency.width_step, grid_points=latency.grid_points)
-        modelled = lm.predict_ms()
     steps: list[tuple[float, float, float]] = []
     tries: list[tuple[float, Plan, float, float, float]] = []  # (|error|, plan, predicted, base ms, pruned ms)
     low, high = (0.0, 0.0), (1.0, 1.0)  # (budget, measured) bracketing the target

@@ -70,7 +70,9 @@ _SHAPE_ATTRS = frozenset({"shape", "size"})
 _LOADS = frozenset({"LOAD_DEREF", "LOAD_NAME", "LOAD_CLASSDEREF"})
 _STORES = frozenset({"STORE_DEREF", "STORE_NAME"})
 _ENDS = frozenset({"POP_TOP", "RETURN_VALUE", "RETURN_CONST"})
-_SKIPPED = (os.path.dirname(__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep + "tracer.py",
+_PACKAGE = os.path.dirname(os.path.dirname(__file__)) + os.sep
+# frames that are not the model's code: the rules, the recorder, the meta run's value watch, torch itself
+_SKIPPED = (os.path.dirname(__file__) + os.sep, _PACKAGE + "tracer.py", _PACKAGE + "verify_meta.py",
             os.path.dirname(torch.__file__) + os.sep)
 _MAX_CALLERS = 8  # function arguments followed this many callers up; further: assumed from a shape
 
