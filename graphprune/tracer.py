@@ -11,11 +11,13 @@ the path taken for these inputs; that is the path pruning must keep consistent. 
 example inputs run one after another into the same element store, so the graph is the
 union of the paths they take; parameters none of them used are listed as ``untraced``.
 
-The forward runs on meta copies of the weights and inputs first (``torch.func.functional_call``:
-every op checks shapes, none computes), so tracing costs the graph's size, not its FLOPs; where
-a meta run cannot stand for the real one (an op needs values: ``.item()``, ``nonzero``, an integer
-index or token ids; a tensor kept outside the parameters and buffers) the real forward is traced
-instead. :attr:`TraceGraph.forward` says which ran.
+With ``meta`` (the default for models of 500M parameters and more) the forward runs on meta copies
+of the weights and inputs first (``torch.func.functional_call``: every op checks shapes, none
+computes), so tracing costs the graph's size, not its FLOPs; where a meta run cannot stand for the
+real one (an op needs values: ``.item()``, ``nonzero``, an integer index or token ids; a tensor
+kept outside the parameters and buffers) the real forward is traced instead.
+:attr:`TraceGraph.forward` says which ran. A meta op costs about 1 ms here
+(:mod:`graphprune.verify_meta`), so for the usual classifier the real forward is the cheaper one.
 """
 
 from __future__ import annotations
@@ -301,7 +303,7 @@ def state_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, meta: bool = True) -> TraceGraph:
+def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, meta: bool | None = None) -> TraceGraph:
     """Run ``model`` in eval mode on each example input and build its channel dependency graph.
 
     Args:
@@ -311,7 +313,9 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, meta: bool 
             of a forward that branches on the data); ``None`` uses one image of the timm
             model's ``pretrained_cfg["input_size"]``.
         meta: run the forward on meta copies first (see the module docstring); ``False``
-            traces the real forward only.
+            traces the real forward only; ``None`` (the default): meta for models of at least
+            :data:`~graphprune.verify_meta.META_TRACE_PARAMETERS` parameters, whose real forward
+            costs more than a meta one (for a timm classifier at 224 px it costs less).
 
     Returns:
         The :class:`~graphprune.graph.TraceGraph`; its ``untraced`` names the parameters no
@@ -329,10 +333,14 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, meta: bool 
         (0, 'torch.nn.functional.conv2d')
         >>> graph.untraced, len(gp.trace(net, [torch.randn(1, 3, 16, 16), torch.randn(2, 3, 8, 8)]).outputs)
         ((), 2)
-        >>> graph.forward, gp.trace(net, torch.randn(1, 3, 16, 16), meta=False).forward
-        ('meta', 'real')
+        >>> graph.forward, gp.trace(net, torch.randn(1, 3, 16, 16), meta=True).forward
+        ('real', 'meta')
     """
     examples = as_examples(model, example_inputs)
+    if meta is None:
+        from .verify_meta import META_TRACE_PARAMETERS
+
+        meta = sum(p.numel() for p in model.parameters()) >= META_TRACE_PARAMETERS
     if meta and not any(t.is_meta for t in model.parameters()):
         graph = _trace_on_meta(model, examples)
         if graph is not None:

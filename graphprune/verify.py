@@ -28,7 +28,7 @@ from .plan import Plan, make_plan
 from .removal import apply_unguarded_, restore_on_error
 from .rules.context import flat_tensors
 from .tracer import preserved_state
-from .verify_meta import meta_outputs
+from .verify_meta import meta_is_cheaper, meta_outputs
 
 Examples = tuple[Any, ...] | list[tuple[Any, ...]]  # one call's positional arguments, or several calls'
 VERIFICATION_ATTR = "graphprune_verification"  # how the applied plan was verified: "meta" or "real"
@@ -102,14 +102,14 @@ def _compare(traced: TracedOutput, out: Any) -> str | None:
 
 
 def check_outputs(model: nn.Module, examples: Examples, expected: tuple[TracedOutput, ...], *,
-                  modes: list[str] | None = None) -> str | None:
+                  meta: bool = True, modes: list[str] | None = None) -> str | None:
     """Run ``model`` (eval mode, no grad, left as found) on each example; None if every output
     matches the traced one, else what went wrong (on which example).
 
-    Each example runs on the meta device first (:func:`graphprune.verify_meta.meta_outputs`:
-    shapes without compute); only when that cannot confirm the model (an error, an op reading
-    integer tensors, a mismatch) does the real forward run and decide. ``modes``, if given,
-    gets ``"meta"`` or ``"real"`` for each example checked.
+    With ``meta``, each example runs on the meta device first
+    (:func:`graphprune.verify_meta.meta_outputs`: shapes without compute); only when that cannot
+    confirm the model (an error, an op reading integer tensors, a mismatch) does the real forward
+    run and decide. ``modes``, if given, gets ``"meta"`` or ``"real"`` for each example checked.
 
     Example:
         >>> import torch, graphprune as gp
@@ -124,7 +124,7 @@ def check_outputs(model: nn.Module, examples: Examples, expected: tuple[TracedOu
         raise InvalidArgumentError(f"{len(examples)} example inputs to verify, but the trace ran {len(expected)}")
     for number, (args, traced) in enumerate(zip(examples, expected), start=1):
         where = f" (example input {number} of {len(examples)})" if len(examples) > 1 else ""
-        out = meta_outputs(model, args)
+        out = meta_outputs(model, args) if meta else None
         if out is not None and _compare(traced, out) is None:
             if modes is not None:
                 modes.append("meta")
@@ -160,7 +160,8 @@ def apply_verified_(model: nn.Module, groups: Groups, plan: Plan, args: Examples
     Returns:
         The plan actually applied, and ``{group_id: error}`` for the groups left unpruned. The
         model's ``graphprune_verification`` says how the applied plan was checked: ``"meta"``
-        (shapes on the meta device) or ``"real"`` (a real forward was needed).
+        (shapes on the meta device, chosen where :func:`~graphprune.verify_meta.meta_is_cheaper`
+        says so for the traced graph's MACs and ops) or ``"real"``.
 
     Raises:
         PruneError: if no group can be removed without breaking the model (with the full
@@ -176,7 +177,8 @@ def apply_verified_(model: nn.Module, groups: Groups, plan: Plan, args: Examples
     """
     expected = groups.graph.outputs
     modes: list[str] = []
-    error = _try_apply(model, plan, args, expected, keep=True, modes=modes)
+    meta = meta_is_cheaper(groups.graph.estimate_macs(), len(groups.graph.ops))
+    error = _try_apply(model, plan, args, expected, keep=True, modes=modes, meta=meta)
     if error is None:
         _note_verification(model, modes)
         return plan, {}
@@ -184,29 +186,29 @@ def apply_verified_(model: nn.Module, groups: Groups, plan: Plan, args: Examples
     failing: dict[int, str] = {}
     ids = sorted(plan.removed)
     if len(ids) > 1:
-        _bisect(model, groups, plan, args, ids[:len(ids) // 2], accepted, failing)
-        _bisect(model, groups, plan, args, ids[len(ids) // 2:], accepted, failing)
+        _bisect(model, groups, plan, args, ids[:len(ids) // 2], accepted, failing, meta)
+        _bisect(model, groups, plan, args, ids[len(ids) // 2:], accepted, failing, meta)
     if accepted:
         kept = make_plan(groups, removed=accepted)
         modes.clear()
-        if _try_apply(model, kept, args, expected, keep=True, modes=modes) is None:
+        if _try_apply(model, kept, args, expected, keep=True, modes=modes, meta=meta) is None:
             _note_verification(model, modes)
             return kept, failing
     raise PruneError(f"the pruned model does not run ({error}); the model was left unchanged")
 
 
 def _bisect(model: nn.Module, groups: Groups, plan: Plan, args: Examples, ids: list[int],
-            accepted: dict[int, tuple[int, ...]], failing: dict[int, str]) -> None:
+            accepted: dict[int, tuple[int, ...]], failing: dict[int, str], meta: bool) -> None:
     """Accept the groups ``ids`` if the model runs with them and those already accepted; else halve."""
     trial = {**accepted, **{gid: plan.removed[gid] for gid in ids}}
-    error = _try_apply(model, make_plan(groups, removed=trial), args, groups.graph.outputs, keep=False)
+    error = _try_apply(model, make_plan(groups, removed=trial), args, groups.graph.outputs, keep=False, meta=meta)
     if error is None:
         accepted.update((gid, plan.removed[gid]) for gid in ids)
     elif len(ids) == 1:
         failing[ids[0]] = error
     else:
-        _bisect(model, groups, plan, args, ids[:len(ids) // 2], accepted, failing)
-        _bisect(model, groups, plan, args, ids[len(ids) // 2:], accepted, failing)
+        _bisect(model, groups, plan, args, ids[:len(ids) // 2], accepted, failing, meta)
+        _bisect(model, groups, plan, args, ids[len(ids) // 2:], accepted, failing, meta)
 
 
 def _note_verification(model: nn.Module, modes: list[str]) -> None:
@@ -216,12 +218,12 @@ def _note_verification(model: nn.Module, modes: list[str]) -> None:
 
 
 def _try_apply(model: nn.Module, plan: Plan, args: Examples, expected, *, keep: bool,
-               modes: list[str] | None = None) -> str | None:
+               modes: list[str] | None = None, meta: bool = True) -> str | None:
     """Apply ``plan``; undo it if the model then fails (or always, unless ``keep``). Returns the failure."""
     try:
         with restore_on_error(model):
             apply_unguarded_(model, plan)
-            error = check_outputs(model, args, expected, modes=modes)
+            error = check_outputs(model, args, expected, meta=meta, modes=modes)
             if error is not None or not keep:
                 raise _Undo(error)
     except _Undo as undo:

@@ -87,16 +87,25 @@ def test_an_index_kept_in_a_buffer_is_still_caught() -> None:
     assert error is not None and "index" in error.lower() and modes == ["real"]
 
 
-def test_prune_says_how_it_verified() -> None:
+def test_prune_verifies_on_meta_where_that_is_cheaper_and_says_so() -> None:
     torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=5)
-    x = torch.randn(1, 3, 64, 64)
-    pruned = gp.prune(model, x, ratio=0.3)
-    assert pruned.graphprune_verification == "meta" and not hasattr(model, "graphprune_verification")
-    diff = (pruned.eval()(x) - gp.prune(model, x, ratio=0.3).eval()(x)).abs().max()
-    assert diff == 0 and pruned(x).shape == (1, 5)
-    gathered = gp.prune(_Gather(), x[:, :, :4, :4], ratio=0.5)
+    wide = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 8))
+    x = torch.randn(256, 2048)  # 2.2 GMACs in 5 ops: a real check would compute them all
+    pruned = gp.prune(wide, x, ratio=0.5)
+    assert pruned.graphprune_verification == "meta" and not hasattr(wide, "graphprune_verification")
+    assert pruned[0].out_features == 1024 and pruned(x).shape == (256, 8)
+    small = gp.prune(timm.create_model("resnet18", pretrained=False, num_classes=5), torch.randn(1, 3, 64, 64),
+                     ratio=0.3)
+    assert small.graphprune_verification == "real"  # 0.15 GMACs in 70 ops: the real forward is cheaper
+    gathered = gp.prune(_Gather(), torch.randn(1, 3, 4, 4), ratio=0.5)
     assert gathered.graphprune_verification == "real"
+
+
+def test_the_cost_model_prefers_meta_only_for_expensive_forwards() -> None:
+    from graphprune.verify_meta import meta_is_cheaper
+
+    assert not meta_is_cheaper(4.1e9, 175, threads=1)  # resnet50 at 224 px, one thread: about even, real wins
+    assert meta_is_cheaper(2.2e9, 5, threads=1) and not meta_is_cheaper(2.2e9, 5, threads=1000)
 
 
 def _group_view(groups) -> list[tuple]:
@@ -110,7 +119,7 @@ def test_the_meta_trace_finds_the_groups_the_real_one_finds(name: str, size: int
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     x = torch.randn(1, 3, size, size)
-    meta, real = gp.trace(model, x), gp.trace(model, x, meta=False)
+    meta, real = gp.trace(model, x, meta=True), gp.trace(model, x, meta=False)
     assert (meta.forward, real.forward) == ("meta", "real")
     assert meta.summary() == real.summary()
     assert [(o.structure, o.shapes, o.data_sized) for o in meta.outputs] == [
@@ -122,8 +131,8 @@ def test_the_meta_trace_finds_the_groups_the_real_one_finds(name: str, size: int
 
 def test_a_forward_reading_values_is_traced_for_real() -> None:
     net = _Gather()
-    assert gp.trace(net, torch.randn(1, 3, 4, 4)).forward == "real"
-    assert gp.trace(nn.Embedding(10, 4), torch.tensor([[1, 2]])).forward == "real"
+    assert gp.trace(net, torch.randn(1, 3, 4, 4), meta=True).forward == "real"
+    assert gp.trace(nn.Embedding(10, 4), torch.tensor([[1, 2]]), meta=True).forward == "real"
 
 
 class _Buffered(nn.Module):
@@ -175,4 +184,4 @@ def test_models_a_meta_run_cannot_stand_for_are_checked_for_real() -> None:
     assert meta_outputs(nn.MultiheadAttention(4, 2, batch_first=True), (x[None], x[None], x[None])) is None
     lazy = nn.LazyLinear(3)
     assert meta_outputs(lazy, (x,)) is None and lazy(x).shape == (2, 3)  # still lazy, materializes for real
-    assert gp.trace(_Caught(), x).forward == "real"
+    assert gp.trace(_Caught(), x, meta=True).forward == "real"
