@@ -295,10 +295,13 @@ def _module_stack(modules: dict[str, nn.Module], stack: list[str], ctx: Context)
             h.remove()
 
 
-def state_names(model: nn.Module) -> dict[int, str]:
-    """``id(tensor) -> qualified name`` for every parameter and buffer (first name wins for shared ones)."""
+def state_names(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[int, str]:
+    """``id(tensor) -> qualified name`` for every parameter and buffer (first name wins for shared ones),
+    or for the tensors of ``state`` standing in for them (meta copies, named the same)."""
+    pairs = (list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+             if state is None else state.items())
     names: dict[int, str] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    for name, t in pairs:
         names.setdefault(id(t), name)
     return names
 
@@ -352,15 +355,15 @@ def _trace_on_meta(model: nn.Module, examples: list[tuple[Any, ...]]) -> TraceGr
     """The trace of a forward on meta copies of the weights and inputs (shapes without compute), or
     ``None`` where a meta run cannot stand for the real one (see :mod:`graphprune.verify_meta`:
     an error, an op receiving integer tensors, whose values a meta tensor lacks)."""
-    from .verify_meta import ValueReads, attributes_restored, meta_copy, meta_state, meta_unsuitable
+    from .verify_meta import ValueReads, attributes_restored, meta_inputs, meta_state, meta_unsuitable
 
     if meta_unsuitable(model) is not None:
         return None
     reads = ValueReads()
     try:
         state = meta_state(model)
-        meta_examples = [meta_copy(args) for args in examples]
-        if any(not t.is_floating_point() for args in meta_examples for t in flat_tensors(args)):
+        meta_examples = [meta_inputs(args) for args in examples]
+        if any(args is None for args in meta_examples):
             return None
         with attributes_restored(model):
             graph = _trace(model, meta_examples, state, reads)
@@ -374,8 +377,7 @@ def _trace(model: nn.Module, examples: list[tuple[Any, ...]], state: dict[str, t
     """One traced forward per example; ``state``: tensors standing in for the model's (meta copies);
     ``watch``: a mode that sees the forward's calls (not the recorder's own)."""
     store = ElementStore()
-    names = state_names(model) if state is None else {id(t): n for n, t in reversed(list(state.items()))}
-    ctx = Context(store, names)
+    ctx = Context(store, state_names(model, state))
     stack = [""]
     recorder = _Recorder(ctx, stack)
     recorder.modules = dict(model.named_modules())

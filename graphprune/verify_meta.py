@@ -43,7 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["ValueReads", "attributes_restored", "meta_copy", "meta_is_cheaper", "meta_outputs", "meta_state",
+__all__ = ["ValueReads", "attributes_restored", "meta_inputs", "meta_is_cheaper", "meta_outputs", "meta_state",
            "meta_unsuitable"]
 
 # The cost model that picks meta or real (measured: torch 2.14.1, 1 thread, batch 1, timm's
@@ -56,7 +56,6 @@ REAL_MACS_PER_SECOND_PER_THREAD = 25e9
 # known before the trace, so parameters stand in for the cost.
 META_TRACE_PARAMETERS = 500_000_000
 
-_MODULE_SLOTS = ("_parameters", "_buffers", "_modules")
 # Tensor methods that hand values to Python: a meta tensor has none
 _VALUE_METHODS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "__array__"})
 # torch's native attention fast path runs on CPU / CUDA only: on meta the slow path would stand in for it
@@ -177,9 +176,17 @@ def _to_meta(value: Any) -> Any:
     return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
-def meta_copy(args: Any) -> Any:
-    """``args`` with every tensor replaced by a meta tensor of its size and dtype."""
-    return tree_map(_to_meta, args)
+def meta_inputs(args: Any) -> Any | None:
+    """``args`` with every tensor replaced by a meta tensor of its size and dtype, or ``None`` when
+    one of them is not floating point (token ids, indices: their values decide).
+
+    Example:
+        >>> meta_inputs((torch.zeros(2, 3),))[0].is_meta, meta_inputs((torch.tensor([1]),))
+        (True, None)
+    """
+    copied = tree_map(_to_meta, args)
+    leaves = tree_flatten(copied)[0]
+    return None if any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in leaves) else copied
 
 
 def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -216,17 +223,13 @@ def meta_outputs(model: nn.Module, args: tuple[Any, ...]) -> Any | None:
     if meta_unsuitable(model) is not None:
         return None
     reads = ValueReads()
-    training = [(m, m.training) for m in model.modules()]
     try:
-        state, meta_args = meta_state(model), meta_copy(args)
-        if any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in tree_flatten(meta_args)[0]):
-            return None  # integer inputs (token ids): values decide
-        with attributes_restored(model), torch.no_grad(), reads:
+        state, meta_args = meta_state(model), meta_inputs(args)  # outside the watch: copying reads int buffers
+        if meta_args is None:
+            return None
+        with attributes_restored(model), torch.no_grad(), reads:  # restores the train / eval flags too
             model.eval()
             out = torch.func.functional_call(model, state, meta_args, strict=False, tie_weights=True)
     except Exception:  # a real run gives the verdict and the message
         return None
-    finally:
-        for module, mode in training:
-            module.training = mode
     return None if reads.first is not None else out

@@ -17,6 +17,8 @@ GRANULARITIES = ("channel", "kernel", "unstructured")
 SPARSE_SIGNALS = {"l1": "magnitude", "random": "random"}
 # Options the recipe supplies itself; a config may not set them.
 _RECIPE_OWNED_OPTIONS = frozenset({"data", "progress", "class_means", "reference"})
+# A stage's budget: exactly one of these fields is set.
+_BUDGETS = ("ratio", "flops_reduction", "latency_reduction")
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class PruneConfig:
                                        "granularity='channel' and flops_reduction=")
 
     def _check_budget(self) -> None:
-        given = [name for name in ("ratio", "flops_reduction", "latency_reduction") if getattr(self, name) is not None]
+        given = [name for name in _BUDGETS if getattr(self, name) is not None]
         if not given:
             object.__setattr__(self, "flops_reduction", 0.3)  # the default budget
             given = ["flops_reduction"]
@@ -172,7 +174,7 @@ class PruneConfig:
             >>> PruneConfig().budget(), PruneConfig(latency_reduction=0.2).budget()
             ({'flops_reduction': 0.3}, {'latency_reduction': 0.2})
         """
-        name = next(n for n in ("ratio", "flops_reduction", "latency_reduction") if getattr(self, n) is not None)
+        name = next(n for n in _BUDGETS if getattr(self, n) is not None)
         return {name: getattr(self, name)}
 
     def step_reductions(self) -> tuple[float, ...]:

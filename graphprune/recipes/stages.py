@@ -57,7 +57,7 @@ def scorer_options(config: PruneConfig, data: Iterable, *, seed: int, progress: 
 
 def _prune_on_main(model: nn.Module, data: TransferData, config: PruneConfig, seed: int, progress: bool) -> str:
     example = data.example_inputs()
-    latency = (LatencyConfig(batch_size=config.latency_batch_size) if config.latency_reduction is not None else None)
+    latency = LatencyConfig(batch_size=config.latency_batch_size) if config.latency_reduction is not None else None
     prune_(model, example, **config.budget(), scorer=config.scorer,
            scorer_options=scorer_options(config, data.train, seed=seed, progress=progress),
            ignore=classifier_names(model), config=config.plan_config(), latency_config=latency)
